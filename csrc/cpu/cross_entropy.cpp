@@ -1,0 +1,386 @@
+// Fused cross-entropy (log-softmax + NLL) on the CPU: the forward, which also writes the gradient, and
+// the backward, which only scales it.
+//
+// The math, for row i of logits x with C classes, p = softmax(x_i), lse = logsumexp(x_i):
+//   class-index target y (weights w, 1 when absent; W = sum_c w_c; label smoothing e):
+//     loss_i    = (1-e) w_y (lse - x_y) + e/C (W lse - sum_c w_c x_c)            [0 if y == ignore_index]
+//     dloss_i/dx_ij = ((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]
+//     (e = 0, w = 1: the notebook's one-liner  dlogits = softmax; dlogits[range(n), Y] -= 1; /= n)
+//   probability target t (t' = (1-e) t + e/C, T = sum_c w_c t'_c):
+//     loss_i    = T lse - sum_c w_c t'_c x_c
+//     dloss_i/dx_ij = T p_j - w_j t'_j
+//   reduction: "none" keeps loss_i; "sum" adds; "mean" divides by D = sum of w_y over the rows that are
+//   not ignored (PyTorch's nll_loss rule; 0/0 = nan when all are) or by N for probability targets.
+//
+// Why the gradient is written by the forward: the row is in L1 right after its softmax, so writing
+// rs * dloss_i/dx_i (rs = 1/D for mean, else 1) costs one streaming store and no second read of x. The
+// backward is then free when grad_output == 1 (loss.backward()) and one multiply otherwise. The other
+// design (save lse, recompute p in backward) reads x twice; bench/ce_grad_placement.py measures both.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace mmops {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct CEArgs {
+  const T* x = nullptr;        // (N, C) logits, contiguous
+  int64_t C = 0;
+  const int64_t* y = nullptr;  // (N,) class indices, or
+  const T* t = nullptr;        // (N, C) class probabilities
+  const T* w = nullptr;        // (C,) class weights or nullptr
+  T W = 0;                     // sum of w (C when w is absent)
+  int64_t ignore_index = -100;
+  T eps = 0;                   // label smoothing
+  T rs = 1;                    // gradient row scale: 1/D for mean, else 1
+  T* grad = nullptr;           // (N, C) gradient out (may alias x: inplace_backward), or nullptr
+  T* loss_rows = nullptr;      // (N,) per-row loss for reduction "none", or nullptr
+};
+
+// Rows are processed in blocks of about kBlockElements values: for short rows (C = 27) a per-row exp
+// loop would spend most of its time in the scalar remainder of each row, so the block does
+//   pass 1, per row: max m, x[y] and the smoothing dot, and work = x - m (cheap short loops);
+//   pass 2, flat:    work = exp(work) over the whole block at full vector width;
+//   pass 3, per row: s = sum(work), lse = m + log s, the loss, and the gradient from work in place.
+// `work` is the gradient rows themselves (or a scratch block when no gradient is wanted), so when the
+// gradient aliases x (inplace_backward) everything that reads x happens in pass 1, before it is overwritten.
+constexpr int64_t kBlockElements = 2048;
+constexpr int64_t kMaxBlockRows = 256;
+
+template <typename T>
+struct RowBlock {
+  T m[kMaxBlockRows];
+  T x_y[kMaxBlockRows];
+  T aux[kMaxBlockRows];  // smoothing dot (index targets) or T = sum w t' (probability targets)
+  T aux2[kMaxBlockRows];  // sum w t' x (probability targets)
+};
+
+template <typename T>
+MMOPS_INLINE int64_t block_rows(int64_t C) {
+  return std::min<int64_t>(kMaxBlockRows, std::max<int64_t>(1, kBlockElements / C));
+}
+
+template <typename T>
+MMOPS_INLINE void sub_store(const T* x, T* out, int64_t n, T m) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] - m;
+}
+
+template <typename T>
+MMOPS_INLINE void exp_inplace(T* v, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) v[j] = simd::exp(v[j]);
+}
+
+// Rows [begin, end) with class-index targets. Returns the sum of their losses.
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
+  const int64_t C = a.C, R = block_rows<T>(C);
+  const T e_over_C = a.eps / static_cast<T>(C);
+  RowBlock<T> rb;
+  double total = 0;
+  for (int64_t i0 = begin; i0 < end; i0 += R) {
+    const int64_t rows = std::min(R, end - i0);
+    T* work = kGrad ? a.grad + i0 * C : scratch;
+    for (int64_t r = 0; r < rows; ++r) {  // pass 1
+      const int64_t y = a.y[i0 + r];
+      const T* x = a.x + (i0 + r) * C;
+      T* w = work + r * C;
+      if (y == a.ignore_index) {
+        for (int64_t j = 0; j < C; ++j) w[j] = -__builtin_inf();  // exp -> 0: an all-zero gradient row
+        continue;
+      }
+      const T m = simd::row_max(x, C);
+      rb.m[r] = m;
+      rb.x_y[r] = x[y];
+      if (kSmooth) rb.aux[r] = kWeight ? simd::dot(a.w, x, C) : simd::sum(x, C);
+      sub_store(x, w, C, m);
+    }
+    exp_inplace(work, rows * C);  // pass 2
+    for (int64_t r = 0; r < rows; ++r) {  // pass 3
+      const int64_t i = i0 + r, y = a.y[i];
+      T* g = work + r * C;
+      if (y == a.ignore_index) {
+        if (a.loss_rows) a.loss_rows[i] = 0;
+        continue;
+      }
+      const T s = simd::sum(g, C);
+      const T lse = rb.m[r] + std::log(s);
+      const T w_y = kWeight ? a.w[y] : T(1);
+      T loss = w_y * (lse - rb.x_y[r]);
+      if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * lse - rb.aux[r]);
+      total += loss;
+      if (a.loss_rows) a.loss_rows[i] = loss;
+      if (kGrad) {
+        const T hot = kSmooth ? (1 - a.eps) * w_y : w_y;
+        const T coef = a.rs * (kSmooth ? hot + e_over_C * a.W : hot) / s;
+        if (kSmooth && kWeight) {
+          const T c2 = a.rs * e_over_C;
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2 * a.w[j];
+        } else if (kSmooth) {
+          const T c2 = a.rs * e_over_C;
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2;
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) g[j] *= coef;
+        }
+        g[y] -= a.rs * hot;
+      }
+    }
+  }
+  return total;
+}
+
+// Rows [begin, end) with probability targets (same three passes).
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
+  const int64_t C = a.C, R = block_rows<T>(C);
+  const T keep = 1 - a.eps, e_over_C = a.eps / static_cast<T>(C);
+  RowBlock<T> rb;
+  double total = 0;
+  for (int64_t i0 = begin; i0 < end; i0 += R) {
+    const int64_t rows = std::min(R, end - i0);
+    T* work = kGrad ? a.grad + i0 * C : scratch;
+    for (int64_t r = 0; r < rows; ++r) {  // pass 1
+      const T* x = a.x + (i0 + r) * C;
+      const T* t = a.t + (i0 + r) * C;
+      const T m = simd::row_max(x, C);
+      T tw_sum = 0, tw_dot = 0;  // sum_c w_c t'_c and sum_c w_c t'_c x_c
+#pragma omp simd reduction(+ : tw_sum, tw_dot)
+      for (int64_t j = 0; j < C; ++j) {
+        T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+        if (kWeight) tj *= a.w[j];
+        tw_sum += tj;
+        tw_dot += tj * x[j];
+      }
+      rb.m[r] = m;
+      rb.aux[r] = tw_sum;
+      rb.aux2[r] = tw_dot;
+      sub_store(x, work + r * C, C, m);
+    }
+    exp_inplace(work, rows * C);  // pass 2
+    for (int64_t r = 0; r < rows; ++r) {  // pass 3
+      const int64_t i = i0 + r;
+      T* g = work + r * C;
+      const T* t = a.t + i * C;
+      const T s = simd::sum(g, C);
+      const T lse = rb.m[r] + std::log(s);
+      const T loss = rb.aux[r] * lse - rb.aux2[r];
+      total += loss;
+      if (a.loss_rows) a.loss_rows[i] = loss;
+      if (kGrad) {
+        const T coef = a.rs * rb.aux[r] / s;
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) {
+          T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+          if (kWeight) tj *= a.w[j];
+          g[j] = g[j] * coef - a.rs * tj;
+        }
+      }
+    }
+  }
+  return total;
+}
+
+// Picks the instantiation for the options once per block of rows, not per row.
+template <typename T>
+MMOPS_INLINE double ce_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
+  // Scratch for the exp block when no gradient is written: on the stack unless one row is longer.
+  T stack_scratch[kBlockElements];
+  std::vector<T> heap_scratch;
+  T* scratch = stack_scratch;
+  if (a.grad == nullptr && a.C > kBlockElements) {
+    heap_scratch.resize(a.C);
+    scratch = heap_scratch.data();
+  }
+  const bool weight = a.w != nullptr, smooth = a.eps != 0, grad = a.grad != nullptr;
+#define MMOPS_CE_CASE(W, S, G)                                                        \
+  if (weight == W && smooth == S && grad == G)                                        \
+    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch)     \
+                 : ce_index_rows<T, W, S, G>(a, begin, end, scratch);
+  MMOPS_CE_CASE(false, false, true)
+  MMOPS_CE_CASE(false, false, false)
+  MMOPS_CE_CASE(false, true, true)
+  MMOPS_CE_CASE(false, true, false)
+  MMOPS_CE_CASE(true, false, true)
+  MMOPS_CE_CASE(true, false, false)
+  MMOPS_CE_CASE(true, true, true)
+  MMOPS_CE_CASE(true, true, false)
+#undef MMOPS_CE_CASE
+  return 0;
+}
+
+// The SIMD-dispatched entry points (one ifunc call per block of rows).
+MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int64_t end) {
+  return ce_rows<float>(a, begin, end);
+}
+double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
+double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) { return ce_rows_f32(a, b, e); }
+double ce_rows_any(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
+
+MMOPS_SIMD_CLONES void scale_rows_f32(float* g, int64_t rows, int64_t C, const float* go, int64_t go_stride) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float s = go[i * go_stride];
+    float* r = g + i * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) r[j] *= s;
+  }
+}
+void scale_rows_any(float* g, int64_t rows, int64_t C, const float* go, int64_t st) { scale_rows_f32(g, rows, C, go, st); }
+void scale_rows_any(double* g, int64_t rows, int64_t C, const double* go, int64_t st) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < C; ++j) g[i * C + j] *= go[i * st];
+}
+
+constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
+constexpr int64_t kGrainElements = 16384;  // below this a row block is not worth waking a thread for
+
+void check_common(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                  int64_t reduction, double label_smoothing) {
+  TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "mmops.cross_entropy: input must be float32 or float64 here, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(1) > 0, "mmops.cross_entropy: input has no classes (C = 0)");
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "mmops.cross_entropy: reduction code ", reduction,
+                    " is not 0 (none), 1 (mean) or 2 (sum)");
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "mmops.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(target.device() == input.device(), "mmops.cross_entropy: target is on ", target.device(),
+              " but input is on ", input.device());
+  if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "mmops.cross_entropy: probability target must have the "
+                      "input's shape ", input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), "mmops.cross_entropy: probability target dtype ",
+                     target.scalar_type(), " does not match input dtype ", input.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mmops.cross_entropy: class-index target must be int64, got ",
+                     target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: target must have "
+                      "shape (", input.size(0), ",) to match input ", input.sizes(), ", got ", target.sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), "mmops.cross_entropy: weight must "
+                      "have shape (", input.size(1), ",) (one per class), got ", weight->sizes());
+    TORCH_CHECK(weight->device() == input.device(), "mmops.cross_entropy: weight is on ", weight->device(),
+                " but input is on ", input.device());
+  }
+}
+
+// Runs the fused forward; writes the gradient into `grad` (nullptr: no gradient). Returns the loss.
+Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& weight_in,
+                       int64_t reduction, int64_t ignore_index, double label_smoothing, const Tensor* grad) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const bool prob = at::isFloatingType(target_in.scalar_type());
+  const Tensor target = target_in.contiguous();
+  Tensor weight;
+  if (weight_in.has_value() && weight_in->defined()) weight = weight_in->to(x.scalar_type()).contiguous();
+  Tensor loss = reduction == kReductionNone ? at::empty({N}, x.options()) : at::empty({}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_cross_entropy_forward", [&] {
+    CEArgs<scalar_t> a;
+    a.x = x.const_data_ptr<scalar_t>();
+    a.C = C;
+    a.ignore_index = ignore_index;
+    a.eps = static_cast<scalar_t>(label_smoothing);
+    a.grad = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
+    a.loss_rows = reduction == kReductionNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    if (weight.defined()) {
+      a.w = weight.const_data_ptr<scalar_t>();
+      a.W = static_cast<scalar_t>(simd::sum(a.w, C));
+    } else {
+      a.W = static_cast<scalar_t>(C);
+    }
+    // The denominator of "mean", and the range check of every target before anything is written
+    // (inplace_backward overwrites the logits, so a bad target must fail first).
+    double denom = static_cast<double>(N);
+    if (prob) {
+      a.t = target.const_data_ptr<scalar_t>();
+    } else {
+      a.y = target.const_data_ptr<int64_t>();
+      denom = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t y = a.y[i];
+        if (y == ignore_index) continue;
+        TORCH_CHECK_INDEX(y >= 0 && y < C, "mmops.cross_entropy: target[", i, "] = ", y, " is out of range: "
+                          "expected 0 <= target < ", C, " (the number of classes) or target == ignore_index (",
+                          ignore_index, ")");
+        denom += a.w ? static_cast<double>(a.w[y]) : 1.0;
+      }
+    }
+    a.rs = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
+
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / C);
+    std::vector<double> partial(std::max(1, at::get_num_threads()), 0.0);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      partial[at::get_thread_num()] += ce_rows_any(a, begin, end);
+    });
+    if (reduction != kReductionNone) {
+      double total = 0;
+      for (double p : partial) total += p;
+      if (reduction == kReductionMean) total /= denom;  // all rows ignored: 0/0 = nan, as in PyTorch
+      *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+    }
+  });
+  return loss;
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, int64_t reduction,
+                                                 int64_t ignore_index, double label_smoothing, bool compute_grad) {
+  check_common(input, target, weight, reduction, label_smoothing);
+  const Tensor x = input.contiguous();
+  Tensor grad = compute_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  Tensor loss = ce_forward_impl(x, target, weight, reduction, ignore_index, label_smoothing,
+                                compute_grad ? &grad : nullptr);
+  return {loss, grad};
+}
+
+// inplace_backward: the gradient overwrites the logits (saves one logits-sized buffer).
+Tensor cross_entropy_forward_inplace(Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                                     int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_common(input, target, weight, reduction, label_smoothing);
+  TORCH_CHECK_VALUE(input.is_contiguous(), "mmops.cross_entropy(inplace_backward=True): input must be contiguous");
+  return ce_forward_impl(input, target, weight, reduction, ignore_index, label_smoothing, &input);
+}
+
+// Backward: grad_input = grad_output * (saved rs * dloss/dx), in place in the saved buffer. grad_output is
+// a scalar for mean/sum (skipped when it is 1) or one value per row for "none".
+void cross_entropy_scale_grad_(Tensor& grad, const Tensor& grad_output) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "mmops.cross_entropy backward: saved gradient must be "
+                    "a contiguous (N, C) tensor");
+  const int64_t N = grad.size(0), C = grad.size(1);
+  TORCH_CHECK_VALUE(grad_output.numel() == 1 || (grad_output.dim() == 1 && grad_output.size(0) == N),
+                    "mmops.cross_entropy backward: grad_output must be a scalar or of shape (", N, ",), got ",
+                    grad_output.sizes());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mmops_cross_entropy_scale_grad", [&] {
+    const Tensor go = grad_output.to(grad.scalar_type());
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    const int64_t stride = go.numel() == 1 ? 0 : go.stride(0);
+    if (stride == 0 && *gp == scalar_t(1)) return;  // loss.backward(): the saved gradient is the answer
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)),
+                     [&](int64_t b, int64_t e) { scale_rows_any(g + b * C, e - b, C, gp + b * stride, stride); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmops, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+  m.impl("cross_entropy_scale_grad_", &cross_entropy_scale_grad_);
+}
+
+}  // namespace mmops

@@ -1,0 +1,99 @@
+// Portable SIMD for the CPU kernels: plain C++ loops that GCC auto-vectorises, compiled three times
+// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline SSE2) through target_clones and picked at load
+// time by the CPU they run on. No -march=native, so one wheel runs on any x86-64.
+//
+// What keeps these loops vectorised (check with `objdump -d`: zmm/ymm in the clones, no call to expf):
+//   * exp is written out (Cephes' polynomial) with no libm call, no floor() (rounding by the 1.5*2^23
+//     trick) and no branch: selects only, which -fno-trapping-math lets GCC if-convert;
+//   * reductions carry `#pragma omp simd reduction(...)`, which licenses the reassociation that
+//     -ffast-math would otherwise be needed for, without giving up NaN/inf semantics.
+#pragma once
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMOPS_NO_CLONES)
+#define MMOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMOPS_SIMD_CLONES
+#endif
+
+#define MMOPS_INLINE inline __attribute__((always_inline))
+
+namespace mmops::simd {
+
+// exp(x) for float with ~1 ulp error over the normal range; exp(x) = 2^n * p(r), r = x - n*ln2.
+// NaN propagates (every select compares false on NaN), x < -87.34 flushes to 0 (exp(-inf) = 0),
+// x > 88.38 saturates at FLT_MAX-ish (only reachable for x - max > 0, which the callers never pass).
+MMOPS_INLINE float exp(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  // round(x * log2(e)) by adding and subtracting 1.5 * 2^23: exact for |n| < 2^22, no floor() call.
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // r = x - n ln2, with ln2 split in two so that n*C1 is exact (Cody-Waite).
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float r2 = r * r;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n as an IEEE float
+  float res = p * __builtin_bit_cast(float, bits);
+  return x < lo ? 0.0f : res;
+}
+
+// double: libm's exp (the double paths are for checking, not for speed).
+MMOPS_INLINE double exp(double x) { return __builtin_exp(x); }
+
+template <typename T>
+MMOPS_INLINE T row_max(const T* __restrict x, int64_t n) {
+  // NaN never wins a comparison, so it is skipped here; it still reaches the row's sum through
+  // exp(x - m) = NaN, which makes that row's loss and gradient NaN (as in PyTorch).
+  T m = -__builtin_inf();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// e[i] = exp(x[i] - m); returns sum(e).
+template <typename T>
+MMOPS_INLINE T exp_sub_store_sum(const T* __restrict x, T* __restrict e, int64_t n, T m) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    T v = exp(x[i] - m);
+    e[i] = v;
+    s += v;
+  }
+  return s;
+}
+
+// sum(exp(x[i] - m)) without storing.
+template <typename T>
+MMOPS_INLINE T exp_sub_sum(const T* __restrict x, int64_t n, T m) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp(x[i] - m);
+  return s;
+}
+
+template <typename T>
+MMOPS_INLINE T sum(const T* __restrict x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename T>
+MMOPS_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+}  // namespace mmops::simd

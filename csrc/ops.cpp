@@ -1,0 +1,24 @@
+// The one schema block of the mmops library: every op, its arguments and what it mutates.
+// Kernels register per backend: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA); fake (meta) kernels and the
+// autograd formulas are registered from Python (mmops/functional.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import mmops._C` loads this library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mmops kernels (registered as torch.ops.mmops)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(mmops, m) {
+  // ---- cross-entropy (reduction: 0 none, 1 mean, 2 sum) -------------------------------------------------
+  // Returns the loss and, when compute_grad, the gradient already scaled for the reduction.
+  m.def("cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+        "float label_smoothing, bool compute_grad) -> (Tensor, Tensor)");
+  // Same, writing the gradient into input's storage (inplace_backward=True).
+  m.def("cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, int reduction, "
+        "int ignore_index, float label_smoothing) -> Tensor");
+  // Backward: grad *= grad_output (a scalar, or one value per row); nothing to do when it is 1.
+  m.def("cross_entropy_scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}

@@ -1,0 +1,9 @@
+"""mmops: fused PyTorch operators (C++/CUDA) for the makemore models.
+
+Public functions are drop-ins for their torch.nn.functional twins; mmops.nn holds the modules.
+"""
+from . import _ops  # noqa: F401  (loads the library: torch.ops.mmops.*)
+from .functional import cross_entropy
+
+__version__ = "0.1.0"
+__all__ = ["cross_entropy"]

@@ -1,0 +1,161 @@
+"""`python -m mmops bench`: forward+backward timings, candidates interleaved in one process.
+
+Each candidate is a closure that runs forward and backward once. Candidates of one size are timed in
+rounds, round-robin (A B C A B C ...), so that drift in a noisy machine hits all of them alike; the table
+reports each one's median over rounds and its ratio to the PyTorch op (ratio > 1: faster than PyTorch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mmops
+
+from . import reference
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+
+
+def _time_once(fn: Callable[[], None], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def interleaved(cands: dict[str, Callable[[], None]], rounds: int, target_s: float = 0.02) -> dict[str, dict]:
+    """Median seconds per call of each candidate over `rounds` interleaved rounds."""
+    for fn in cands.values():  # warm up (and compile, for torch.compile candidates)
+        for _ in range(3):
+            fn()
+    inner = {}
+    for name, fn in cands.items():  # calls per round: enough for ~target_s of work
+        once = _time_once(fn, 1)
+        inner[name] = max(1, int(target_s / max(once, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in cands}
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            samples[name].append(_time_once(fn, inner[name]))
+    return {
+        name: {"median_s": statistics.median(v), "min_s": min(v), "rounds": len(v), "calls_per_round": inner[name]}
+        for name, v in samples.items()
+    }
+
+
+def _ce_candidates(N: int, C: int, compile_: bool) -> dict[str, Callable[[], None]]:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, C, generator=g).requires_grad_()
+    target = torch.randint(0, C, (N,), generator=g)
+
+    def step(loss_fn):
+        def run():
+            logits.grad = None
+            loss_fn(logits, target).backward()
+
+        return run
+
+    cands = {
+        "reference chain": step(lambda x, y: reference.cross_entropy_chain(x, y)["loss"]),
+        "F.cross_entropy": step(F.cross_entropy),
+    }
+    if compile_:
+        compiled = torch.compile(F.cross_entropy, dynamic=False)
+        cands["torch.compile(F.cross_entropy)"] = step(compiled)
+    cands["mmops.cross_entropy"] = step(mmops.cross_entropy)
+    return cands
+
+
+CE_SIZES = [(32, 27), (4096, 27), (32768, 27), (1024, 8192)]
+
+
+def bench_ce(sizes, rounds: int, compile_: bool) -> list[dict]:
+    rows = []
+    for N, C in sizes:
+        res = interleaved(_ce_candidates(N, C, compile_), rounds)
+        base = res["F.cross_entropy"]["median_s"]
+        for name, r in res.items():
+            rows.append({"op": "ce", "size": f"({N}, {C})", "candidate": name, **r, "speedup_vs_torch": base / r["median_s"]})
+    return rows
+
+
+def _machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def print_table(rows: list[dict]) -> str:
+    lines = ["| op | size | candidate | median | vs PyTorch op |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = r["median_s"]
+        ts = f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+        lines.append(f"| {r['op']} | {r['size']} | {r['candidate']} | {ts} | {r['speedup_vs_torch']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_results(name: str, rows: list[dict], table: str) -> None:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(f"machine: {json.dumps(_machine())}\n\n{table}\n")
+    try:
+        _plot(name, rows)
+    except ImportError:
+        print("(matplotlib not installed: no PNG)")
+
+
+def _plot(name: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    cands = list(dict.fromkeys(r["candidate"] for r in rows))
+    fig, ax = plt.subplots(figsize=(2.2 * len(sizes) + 2, 4))
+    width = 0.8 / len(cands)
+    for k, c in enumerate(cands):
+        ys = [next((r["speedup_vs_torch"] for r in rows if r["size"] == s and r["candidate"] == c), 0) for s in sizes]
+        ax.bar([i + k * width for i in range(len(sizes))], ys, width, label=c)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes)
+    ax.set_ylabel("speed-up vs the PyTorch op (median)")
+    ax.set_title(f"{name}: forward+backward, {torch.get_num_threads()} threads, float32")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS_DIR, f"{name}.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmops bench", description=__doc__)
+    p.add_argument("--op", choices=["ce", "all"], default="all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
+    p.add_argument("--quick", action="store_true", help="smallest sizes only, few rounds (a smoke test)")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick else args.rounds
+    if args.op in ("ce", "all"):
+        sizes = CE_SIZES[:1] if args.quick else CE_SIZES
+        rows = bench_ce(sizes, rounds, compile_=not args.no_compile and not args.quick)
+        table = print_table(rows)
+        if not args.no_save and not args.quick:
+            write_results("ce", rows, table)
+    return 0

@@ -1,0 +1,67 @@
+"""`python -m mmops check`: the cmp table of the manual chain vs autograd, and of every fused op vs the chain.
+Exits non-zero if any row is not approximately equal."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import mmops
+
+from . import reference
+from .testing import CmpRow, cmp
+
+
+def check_manual_chain(dtype=torch.float64, n: int = 32) -> list[CmpRow]:
+    """The notebook's exercise 1: every manual gradient of the MLP against autograd."""
+    print(f"-- manual backward of the MLP chain vs autograd ({dtype}, batch {n})")
+    g = torch.Generator().manual_seed(42)
+    p = reference.mlp_params(dtype=dtype)
+    Xb = torch.randint(0, 27, (n, 3), generator=g)
+    Yb = torch.randint(0, 27, (n,), generator=g)
+    chain = reference.mlp_chain(p, Xb, Yb)
+    chain["loss"].backward()
+    d = reference.mlp_chain_backward(p, chain, Xb, Yb)
+    rows = []
+    for name in ["logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
+                 "logits", "h", "hpreact", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn",
+                 "embcat", "emb"]:
+        rows.append(cmp(name, d["d" + name], chain[name]))
+    for name in ["W2", "b2", "bngain", "bnbias", "W1", "b1", "C"]:
+        rows.append(cmp(name, d["d" + name], p[name]))
+    return rows
+
+
+def check_cross_entropy(dtype=torch.float64, n: int = 32, C: int = 27) -> list[CmpRow]:
+    print(f"-- fused mmops.cross_entropy vs the chain ({dtype}, ({n}, {C}))")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, C, generator=g, dtype=dtype).requires_grad_()
+    Y = torch.randint(0, C, (n,), generator=g)
+    chain = reference.cross_entropy_chain(logits.detach(), Y)
+    loss = mmops.cross_entropy(logits, Y)
+    loss.backward()
+    closed = reference.cross_entropy_closed_form_grad(logits, Y)
+    manual = reference.cross_entropy_chain_backward(chain, Y)["dlogits"]
+    return [
+        cmp("loss vs chain", chain["loss"], loss),
+        cmp("loss vs F.cross_entropy", F.cross_entropy(logits.detach(), Y), loss),
+        cmp("dlogits vs manual chain", manual, logits),
+        cmp("dlogits vs closed form", closed, logits),
+    ]
+
+
+def run_all() -> list[CmpRow]:
+    rows = []
+    rows += check_manual_chain()
+    for dtype in (torch.float64, torch.float32):
+        rows += check_cross_entropy(dtype)
+    return rows
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m mmops check", description=__doc__).parse_args(argv)
+    rows = run_all()
+    bad = [r.name for r in rows if not r.approx]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} approx" + (f"; NOT approx: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0

@@ -1,0 +1,169 @@
+"""The differentiable mmops functions: torch.autograd.Function classes over torch.ops.mmops.*, their fake
+(meta) kernels for torch.compile, and the public drop-ins for torch.nn.functional.
+
+Each op's math is written once, beside its kernel in csrc/cpu/*.cpp; this file only routes tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ops import REDUCTIONS, ops
+
+__all__ = ["cross_entropy", "CrossEntropyFunction"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Inside an autograd.Function the ops are called below the Autograd key: the op-level autograd formulas
+# (register_autograd, for users of torch.ops.mmops.* directly) are Python kernels that cost ~4 us a call.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross-entropy
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("mmops::cross_entropy_forward")
+def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, compute_grad):
+    torch._check(input.dim() == 2, lambda: "mmops.cross_entropy: expected input of shape (N, C)")
+    loss = input.new_empty((input.shape[0],)) if reduction == 0 else input.new_empty(())
+    grad = input.new_empty(input.shape) if compute_grad else input.new_empty((0,))
+    return loss, grad
+
+
+@torch.library.register_fake("mmops::cross_entropy_forward_inplace")
+def _cross_entropy_forward_inplace_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    return input.new_empty((input.shape[0],)) if reduction == 0 else input.new_empty(())
+
+
+@torch.library.register_fake("mmops::cross_entropy_scale_grad_")
+def _cross_entropy_scale_grad_fake(grad, grad_output):
+    return None
+
+
+def _ce_op_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[3]
+    ctx.save_for_backward(output[1])
+
+
+def _ce_op_backward(ctx, grad_loss, _grad_of_grad):
+    # The op used on its own (not through CrossEntropyFunction): out of place, grad_output broadcast per row.
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("mmops.cross_entropy_forward: called with compute_grad=False, so it has no gradient")
+    scale = grad_loss.unsqueeze(-1) if ctx.reduction == 0 else grad_loss
+    return grad * scale, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "mmops::cross_entropy_forward", _ce_op_backward, setup_context=_ce_op_setup_context
+)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Fused softmax + NLL on 2-D logits. The forward writes the gradient (scaled for the reduction);
+    the backward multiplies it by grad_output in place, and skips even that when grad_output is 1."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, inplace_backward):
+        with _below_autograd():  # this Function is the autograd formula: skip the op's own (Python) one
+            return CrossEntropyFunction._forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing,
+                                                 inplace_backward)
+
+    @staticmethod
+    def _forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, inplace_backward):
+        if not ctx.needs_input_grad[0]:
+            loss, _ = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, False)
+            return loss
+        if inplace_backward:
+            loss = ops.cross_entropy_forward_inplace(input, target, weight, reduction, ignore_index, label_smoothing)
+            torch.autograd.graph.increment_version(input)  # anything else that saved the logits must notice
+            grad = input
+        else:
+            loss, grad = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        ops.cross_entropy_scale_grad_(grad, grad_loss)
+        # The saved buffer is now the answer, scaled in place: a second backward through this graph
+        # (retain_graph=True) must fail loudly rather than scale it twice.
+        torch.autograd.graph.increment_version(grad)
+        return grad, None, None, None, None, None, None
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.cross_entropy`` (fused log-softmax + NLL, one pass per row).
+
+    input: (N, C), (C,) or (N, C, d1, ...) logits; target: class indices ((N,), (), (N, d1, ...)) or class
+    probabilities (the input's shape). float32/float64; float16/bfloat16 are computed in float32.
+    ``inplace_backward=True`` writes the gradient into the logits' storage during the forward (the logits
+    are overwritten; saves one logits-sized buffer). It applies when the (N, C) view of the logits is
+    contiguous float32/float64; otherwise the gradient goes to a fresh buffer as usual.
+    """
+    red = REDUCTIONS.get(reduction)
+    if red is None:
+        raise ValueError(f"mmops.cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError(
+            "mmops.cross_entropy: input must be a floating-point tensor of logits, got "
+            + (str(input.dtype) if isinstance(input, Tensor) else type(input).__name__)
+        )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"mmops.cross_entropy: target must be a Tensor, got {type(target).__name__}")
+    prob = target.is_floating_point()
+    if prob and target.requires_grad:
+        raise NotImplementedError("mmops.cross_entropy: gradients with respect to probability targets are not supported")
+    if not prob and target.dtype != torch.long:
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"mmops.cross_entropy: class-index target must be an integer tensor, got {target.dtype}")
+        target = target.long()
+
+    dim = input.dim()
+    out_shape = None
+    if dim == 2:
+        x, t = input, target
+    elif dim == 1:
+        x = input.unsqueeze(0)
+        t = target.unsqueeze(0)
+        out_shape = ()
+    elif dim > 2:
+        C = input.shape[1]
+        x = input.movedim(1, -1).reshape(-1, C)
+        if prob:
+            t = target.movedim(1, -1).reshape(-1, C) if target.shape == input.shape else target
+        else:
+            spatial = (input.shape[0],) + tuple(input.shape[2:])
+            if tuple(target.shape) != spatial:
+                raise ValueError(
+                    f"mmops.cross_entropy: target must have shape {spatial} for input {tuple(input.shape)}, "
+                    f"got {tuple(target.shape)}"
+                )
+            t = target.reshape(-1)
+        out_shape = spatial if not prob else (input.shape[0],) + tuple(input.shape[2:])
+    else:
+        raise ValueError("mmops.cross_entropy: input must have at least one dimension (the classes)")
+
+    low = x.dtype in _LOW_PRECISION
+    if low:  # computed in float32, returned in the input's dtype
+        x = x.float()
+        if prob:
+            t = t.float()
+    if weight is not None and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    inplace = inplace_backward and not low and x.is_contiguous() and dim == 2
+    loss = CrossEntropyFunction.apply(x, t, weight, red, ignore_index, float(label_smoothing), inplace)
+    if out_shape is not None and red == 0:
+        loss = loss.reshape(out_shape)
+    return loss.to(input.dtype) if low else loss

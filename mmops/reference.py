@@ -1,0 +1,176 @@
+"""The makemore backprop exercise as a library: the atomic forward chains, their manual backward, and
+the one-shot closed forms. Every fused mmops kernel is checked against these.
+
+Names follow the notebook (Karpathy, makemore part 4) so that a reader can put the two side by side.
+Forward functions return a dict of every intermediate; backward functions take that dict and return a dict
+of gradients named 'd' + intermediate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross-entropy: logits -> loss
+# ---------------------------------------------------------------------------------------------------------
+def cross_entropy_chain(logits: Tensor, Y: Tensor) -> dict[str, Tensor]:
+    """The notebook's atomic forward (mean reduction). Intermediates retain their grads when they require grad."""
+    n = logits.shape[0]
+    logit_maxes = logits.max(1, keepdim=True).values
+    norm_logits = logits - logit_maxes  # subtract max for numerical stability
+    counts = norm_logits.exp()
+    counts_sum = counts.sum(1, keepdim=True)
+    counts_sum_inv = counts_sum**-1
+    probs = counts * counts_sum_inv
+    logprobs = probs.log()
+    loss = -logprobs[range(n), Y].mean()
+    chain = dict(
+        logits=logits, logit_maxes=logit_maxes, norm_logits=norm_logits, counts=counts, counts_sum=counts_sum,
+        counts_sum_inv=counts_sum_inv, probs=probs, logprobs=logprobs, loss=loss,
+    )
+    _retain(chain)
+    return chain
+
+
+def cross_entropy_chain_backward(chain: dict[str, Tensor], Y: Tensor) -> dict[str, Tensor]:
+    """Manual backward through every step of cross_entropy_chain, dloss = 1."""
+    c = {k: v.detach() for k, v in chain.items()}
+    logits, probs, counts = c["logits"], c["probs"], c["counts"]
+    n = logits.shape[0]
+    dlogprobs = torch.zeros_like(c["logprobs"])
+    dlogprobs[range(n), Y] = -1.0 / n
+    dprobs = (1.0 / probs) * dlogprobs
+    dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)
+    dcounts = c["counts_sum_inv"] * dprobs
+    dcounts_sum = (-c["counts_sum"] ** -2) * dcounts_sum_inv
+    dcounts = dcounts + torch.ones_like(counts) * dcounts_sum
+    dnorm_logits = counts * dcounts
+    dlogits = dnorm_logits.clone()
+    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)
+    # the max is a selection: its gradient goes to the argmax, written as a one-hot row
+    dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]).to(logits.dtype) * dlogit_maxes
+    return dict(
+        dlogprobs=dlogprobs, dprobs=dprobs, dcounts_sum_inv=dcounts_sum_inv, dcounts_sum=dcounts_sum,
+        dcounts=dcounts, dnorm_logits=dnorm_logits, dlogit_maxes=dlogit_maxes, dlogits=dlogits,
+    )
+
+
+def cross_entropy_closed_form_grad(logits: Tensor, Y: Tensor) -> Tensor:
+    """dlogits in one shot: softmax; [range(n), Y] -= 1; /= n."""
+    n = logits.shape[0]
+    dlogits = F.softmax(logits.detach(), 1)
+    dlogits[range(n), Y] -= 1
+    dlogits /= n
+    return dlogits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchNorm (training): hprebn -> hpreact, the notebook's Bessel-corrected variance
+# ---------------------------------------------------------------------------------------------------------
+def batch_norm_chain(hprebn: Tensor, bngain: Tensor, bnbias: Tensor, eps: float = 1e-5, bessel: bool = True) -> dict:
+    n = hprebn.shape[0]
+    bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
+    bndiff = hprebn - bnmeani
+    bndiff2 = bndiff**2
+    bnvar = 1 / (n - 1 if bessel else n) * bndiff2.sum(0, keepdim=True)  # Bessel's correction (n-1)
+    bnvar_inv = (bnvar + eps) ** -0.5
+    bnraw = bndiff * bnvar_inv
+    hpreact = bngain * bnraw + bnbias
+    chain = dict(
+        hprebn=hprebn, bngain=bngain, bnbias=bnbias, bnmeani=bnmeani, bndiff=bndiff, bndiff2=bndiff2, bnvar=bnvar,
+        bnvar_inv=bnvar_inv, bnraw=bnraw, hpreact=hpreact,
+    )
+    _retain(chain)
+    return chain
+
+
+def batch_norm_chain_backward(chain: dict, dhpreact: Tensor, eps: float = 1e-5, bessel: bool = True) -> dict:
+    c = {k: v.detach() for k, v in chain.items()}
+    n = c["hprebn"].shape[0]
+    nb = n - 1 if bessel else n
+    dbngain = (c["bnraw"] * dhpreact).sum(0, keepdim=True)
+    dbnraw = c["bngain"] * dhpreact
+    dbnbias = dhpreact.sum(0, keepdim=True)
+    dbndiff = c["bnvar_inv"] * dbnraw
+    dbnvar_inv = (c["bndiff"] * dbnraw).sum(0, keepdim=True)
+    dbnvar = (-0.5 * (c["bnvar"] + eps) ** -1.5) * dbnvar_inv
+    dbndiff2 = (1.0 / nb) * torch.ones_like(c["bndiff2"]) * dbnvar
+    dbndiff = dbndiff + (2 * c["bndiff"]) * dbndiff2
+    dhprebn = dbndiff.clone()
+    dbnmeani = (-dbndiff).sum(0, keepdim=True)
+    dhprebn += 1.0 / n * (torch.ones_like(c["hprebn"]) * dbnmeani)
+    return dict(
+        dbngain=dbngain, dbnbias=dbnbias, dbnraw=dbnraw, dbndiff=dbndiff, dbnvar_inv=dbnvar_inv, dbnvar=dbnvar,
+        dbndiff2=dbndiff2, dbnmeani=dbnmeani, dhprebn=dhprebn,
+    )
+
+
+def batch_norm_closed_form_grad(hprebn, bngain, dhpreact, eps: float = 1e-5, bessel: bool = True) -> Tensor:
+    """dhprebn = bngain*bnvar_inv/n * (n*dhpreact - dhpreact.sum(0) - n/(n-1)*bnraw*(dhpreact*bnraw).sum(0));
+    bessel=False is the biased-variance twin (n/n = 1 in the last term)."""
+    h = hprebn.detach()
+    n = h.shape[0]
+    var = h.var(0, keepdim=True, unbiased=bessel)
+    bnvar_inv = (var + eps) ** -0.5
+    bnraw = (h - h.mean(0, keepdim=True)) * bnvar_inv
+    k = n / (n - 1) if bessel else 1.0
+    return bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - k * bnraw * (dhpreact * bnraw).sum(0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole MLP: emb, embcat, hprebn, BN, tanh, logits, loss
+# ---------------------------------------------------------------------------------------------------------
+def mlp_params(vocab_size: int = 27, n_embd: int = 10, n_hidden: int = 64, block_size: int = 3, seed: int = 2147483647,
+               dtype=torch.float64) -> dict[str, Tensor]:
+    """The backprop notebook's parameters (with its small non-zero biases, so no gradient hides behind a zero)."""
+    g = torch.Generator().manual_seed(seed)
+    p = dict(
+        C=torch.randn((vocab_size, n_embd), generator=g),
+        W1=torch.randn((n_embd * block_size, n_hidden), generator=g) * (5 / 3) / ((n_embd * block_size) ** 0.5),
+        b1=torch.randn(n_hidden, generator=g) * 0.1,
+        W2=torch.randn((n_hidden, vocab_size), generator=g) * 0.1,
+        b2=torch.randn(vocab_size, generator=g) * 0.1,
+        bngain=torch.randn((1, n_hidden), generator=g) * 0.1 + 1.0,
+        bnbias=torch.randn((1, n_hidden), generator=g) * 0.1,
+    )
+    return {k: v.to(dtype).requires_grad_() for k, v in p.items()}
+
+
+def mlp_chain(p: dict[str, Tensor], Xb: Tensor, Yb: Tensor, eps: float = 1e-5) -> dict:
+    emb = p["C"][Xb]
+    embcat = emb.view(emb.shape[0], -1)
+    hprebn = embcat @ p["W1"] + p["b1"]
+    bn = batch_norm_chain(hprebn, p["bngain"], p["bnbias"], eps)
+    h = torch.tanh(bn["hpreact"])
+    logits = h @ p["W2"] + p["b2"]
+    ce = cross_entropy_chain(logits, Yb)
+    chain = dict(emb=emb, embcat=embcat, h=h, **bn, **ce)
+    _retain(chain)
+    return chain
+
+
+def mlp_chain_backward(p: dict[str, Tensor], chain: dict, Xb: Tensor, Yb: Tensor, eps: float = 1e-5) -> dict:
+    c = {k: v.detach() for k, v in chain.items()}
+    P = {k: v.detach() for k, v in p.items()}
+    d = cross_entropy_chain_backward(chain, Yb)
+    dlogits = d["dlogits"]
+    d["dh"] = dlogits @ P["W2"].T
+    d["dW2"] = c["h"].T @ dlogits
+    d["db2"] = dlogits.sum(0)
+    d["dhpreact"] = (1.0 - c["h"] ** 2) * d["dh"]
+    d.update(batch_norm_chain_backward(chain, d["dhpreact"], eps))
+    d["dembcat"] = d["dhprebn"] @ P["W1"].T
+    d["dW1"] = c["embcat"].T @ d["dhprebn"]
+    d["db1"] = d["dhprebn"].sum(0)
+    d["demb"] = d["dembcat"].view(c["emb"].shape)
+    # dC: every row of emb came from C[Xb[k, j]], so its gradient is added back there (scatter-add)
+    d["dC"] = torch.zeros_like(P["C"]).index_add_(0, Xb.reshape(-1), d["demb"].reshape(-1, P["C"].shape[1]))
+    return d
+
+
+def _retain(chain: dict) -> None:
+    for v in chain.values():
+        if isinstance(v, Tensor) and v.requires_grad and not v.is_leaf:
+            v.retain_grad()
