@@ -19,6 +19,8 @@ TORCH_LIBRARY(mmops, m) {
   // Same, writing the gradient into input's storage (inplace_backward=True).
   m.def("cross_entropy_forward_inplace(Tensor(a!) input, Tensor target, Tensor? weight, int reduction, "
         "int ignore_index, float label_smoothing) -> Tensor");
-  // Backward: grad *= grad_output (a scalar, or one value per row); nothing to do when it is 1.
+  // Backward: grad * grad_output (a scalar, or one value per row), out of place or in place (the
+  // inplace_backward buffer; a no-op when grad_output is 1).
+  m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }

@@ -3,6 +3,7 @@
 Public functions are drop-ins for their torch.nn.functional twins; mmops.nn holds the modules.
 """
 from . import _ops  # noqa: F401  (loads the library: torch.ops.mmops.*)
+from . import nn  # noqa: F401
 from .functional import cross_entropy
 
 __version__ = "0.1.0"

@@ -5,6 +5,8 @@ Each op's math is written once, beside its kernel in csrc/cpu/*.cpp; this file o
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,9 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # Inside an autograd.Function the ops are called below the Autograd key: the op-level autograd formulas
 # (register_autograd, for users of torch.ops.mmops.* directly) are Python kernels that cost ~4 us a call.
-_below_autograd = torch._C._AutoDispatchBelowAutograd
+# Under torch.compile the Function is traced as a whole and the guard is neither traceable nor needed.
+def _below_autograd():
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,6 +37,11 @@ def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, 
 @torch.library.register_fake("mmops::cross_entropy_forward_inplace")
 def _cross_entropy_forward_inplace_fake(input, target, weight, reduction, ignore_index, label_smoothing):
     return input.new_empty((input.shape[0],)) if reduction == 0 else input.new_empty(())
+
+
+@torch.library.register_fake("mmops::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad, grad_output):
+    return torch.empty_like(grad)
 
 
 @torch.library.register_fake("mmops::cross_entropy_scale_grad_")
@@ -60,26 +69,24 @@ torch.library.register_autograd(
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Fused softmax + NLL on 2-D logits. The forward writes the gradient (scaled for the reduction);
-    the backward multiplies it by grad_output in place, and skips even that when grad_output is 1."""
+    """Fused softmax + NLL on 2-D logits. The forward writes the gradient, already scaled for the reduction;
+    the backward returns it as it is when grad_output is 1 (loss.backward()) and scales it otherwise."""
 
     @staticmethod
     def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, inplace_backward):
         with _below_autograd():  # this Function is the autograd formula: skip the op's own (Python) one
-            return CrossEntropyFunction._forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing,
-                                                 inplace_backward)
-
-    @staticmethod
-    def _forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, inplace_backward):
-        if not ctx.needs_input_grad[0]:
-            loss, _ = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, False)
-            return loss
-        if inplace_backward:
-            loss = ops.cross_entropy_forward_inplace(input, target, weight, reduction, ignore_index, label_smoothing)
-            torch.autograd.graph.increment_version(input)  # anything else that saved the logits must notice
-            grad = input
-        else:
-            loss, grad = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, True)
+            if not ctx.needs_input_grad[0]:
+                return ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
+                                                 False)[0]
+            if inplace_backward:
+                loss = ops.cross_entropy_forward_inplace(input, target, weight, reduction, ignore_index,
+                                                         label_smoothing)
+                torch.autograd.graph.increment_version(input)  # whatever else saved the logits must notice
+                grad = input
+            else:
+                loss, grad = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index,
+                                                       label_smoothing, True)
+        ctx.inplace = inplace_backward
         ctx.save_for_backward(grad)
         return loss
 
@@ -87,10 +94,15 @@ class CrossEntropyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        ops.cross_entropy_scale_grad_(grad, grad_loss)
-        # The saved buffer is now the answer, scaled in place: a second backward through this graph
-        # (retain_graph=True) must fail loudly rather than scale it twice.
-        torch.autograd.graph.increment_version(grad)
+        if ctx.inplace:
+            # The logits' storage is the gradient buffer: scale it there (the user chose to trade the
+            # logits for memory); a second backward through this graph then fails on the version check.
+            ops.cross_entropy_scale_grad_(grad, grad_loss)
+            torch.autograd.graph.increment_version(grad)
+        elif torch.compiler.is_compiling() or grad_loss.numel() != 1 or grad_loss.item() != 1.0:
+            grad = ops.cross_entropy_backward(grad, grad_loss)
+        # else: grad_output is 1 and the saved gradient is the answer (it is not modified, so a retained
+        # graph can be run again).
         return grad, None, None, None, None, None, None
 
 

@@ -230,18 +230,21 @@ double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return
 double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) { return ce_rows_f32(a, b, e); }
 double ce_rows_any(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
 
-MMOPS_SIMD_CLONES void scale_rows_f32(float* g, int64_t rows, int64_t C, const float* go, int64_t go_stride) {
+// out[i, :] = g[i, :] * go[i * go_stride] (out may be g).
+MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, int64_t C, const float* go,
+                                      int64_t go_stride) {
   for (int64_t i = 0; i < rows; ++i) {
     const float s = go[i * go_stride];
-    float* r = g + i * C;
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) r[j] *= s;
+    for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * s;
   }
 }
-void scale_rows_any(float* g, int64_t rows, int64_t C, const float* go, int64_t st) { scale_rows_f32(g, rows, C, go, st); }
-void scale_rows_any(double* g, int64_t rows, int64_t C, const double* go, int64_t st) {
+void scale_rows_any(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
+  scale_rows_f32(g, out, rows, C, go, st);
+}
+void scale_rows_any(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < C; ++j) g[i * C + j] *= go[i * st];
+    for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * go[i * st];
 }
 
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
@@ -355,9 +358,9 @@ Tensor cross_entropy_forward_inplace(Tensor& input, const Tensor& target, const 
   return ce_forward_impl(input, target, weight, reduction, ignore_index, label_smoothing, &input);
 }
 
-// Backward: grad_input = grad_output * (saved rs * dloss/dx), in place in the saved buffer. grad_output is
-// a scalar for mean/sum (skipped when it is 1) or one value per row for "none".
-void cross_entropy_scale_grad_(Tensor& grad, const Tensor& grad_output) {
+// Backward: grad_input = grad_output * (the saved rs * dloss/dx). grad_output is a scalar for mean/sum or
+// one value per row for "none". `out` may be `grad` (in place); a scalar 1 in place is a no-op.
+void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "mmops.cross_entropy backward: saved gradient must be "
                     "a contiguous (N, C) tensor");
   const int64_t N = grad.size(0), C = grad.size(1);
@@ -366,20 +369,31 @@ void cross_entropy_scale_grad_(Tensor& grad, const Tensor& grad_output) {
                     grad_output.sizes());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mmops_cross_entropy_scale_grad", [&] {
     const Tensor go = grad_output.to(grad.scalar_type());
-    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     const int64_t stride = go.numel() == 1 ? 0 : go.stride(0);
-    if (stride == 0 && *gp == scalar_t(1)) return;  // loss.backward(): the saved gradient is the answer
-    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)),
-                     [&](int64_t b, int64_t e) { scale_rows_any(g + b * C, e - b, C, gp + b * stride, stride); });
+    if (o == g && stride == 0 && *gp == scalar_t(1)) return;
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      scale_rows_any(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
+    });
   });
 }
+
+Tensor cross_entropy_backward(const Tensor& grad, const Tensor& grad_output) {
+  Tensor out = at::empty(grad.sizes(), grad.options());
+  scale_grad(grad, grad_output, out);
+  return out;
+}
+
+void cross_entropy_scale_grad_(Tensor& grad, const Tensor& grad_output) { scale_grad(grad, grad_output, grad); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmops, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
   m.impl("cross_entropy_scale_grad_", &cross_entropy_scale_grad_);
 }
 
