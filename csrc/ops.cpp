@@ -23,4 +23,15 @@ TORCH_LIBRARY(mmops, m) {
   // inplace_backward buffer; a no-op when grad_output is 1).
   m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+
+  // ---- BatchNorm (activation: 0 none, 1 tanh, 2 relu) ---------------------------------------------------
+  // Returns act(BN(input)) and the mean and invstd it normalised with (batch statistics in training,
+  // running statistics in eval); updates the running statistics in training.
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, bool training, float momentum, float eps, bool bessel, int activation) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); those output_mask leaves out are empty, shape (0,).
+  m.def("batch_norm_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor mean, "
+        "Tensor invstd, bool training, bool bessel, int activation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }

@@ -70,10 +70,64 @@ def _ce_candidates(N: int, C: int, compile_: bool) -> dict[str, Callable[[], Non
         compiled = torch.compile(F.cross_entropy, dynamic=False)
         cands["torch.compile(F.cross_entropy)"] = step(compiled)
     cands["mmops.cross_entropy"] = step(mmops.cross_entropy)
+    # The fixed cost of one autograd forward+backward (a sum and its backward through the engine): no
+    # autograd op can be faster than this, so at tiny sizes it bounds every candidate's speed-up.
+    cands["floor: logits.sum().backward()"] = step(lambda x, y: x.sum())
     return cands
 
 
 CE_SIZES = [(32, 27), (4096, 27), (32768, 27), (1024, 8192)]
+BN_SIZES = [(32, 64), (32, 200), (4096, 200), (32768, 200)]
+
+
+def _bn_candidates(N: int, C: int, compile_: bool) -> dict[str, Callable[[], None]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).requires_grad_()
+    gamma = torch.ones(C).requires_grad_()
+    beta = torch.zeros(C).requires_grad_()
+    rm, rv = torch.zeros(C), torch.ones(C)
+    go = torch.randn(N, C, generator=g)
+    params = (x, gamma, beta)
+
+    def step(fn):
+        def run():
+            for p in params:
+                p.grad = None
+            fn().backward(go)
+
+        return run
+
+    def torch_bn_tanh():
+        return torch.tanh(F.batch_norm(x, rm, rv, gamma, beta, True, 0.1, 1e-5))
+
+    cands = {
+        "reference chain": step(lambda: reference.batch_norm_chain(x, gamma, beta, bessel=False)["hpreact"]),
+        "F.batch_norm": step(lambda: F.batch_norm(x, rm, rv, gamma, beta, True, 0.1, 1e-5)),
+        "F.batch_norm + torch.tanh": step(torch_bn_tanh),
+    }
+    if compile_:
+        compiled = torch.compile(lambda x, g, b: torch.tanh(F.batch_norm(x, rm, rv, g, b, True, 0.1, 1e-5)))
+        cands["torch.compile(F.batch_norm + tanh)"] = step(lambda: compiled(x, gamma, beta))
+    cands["mmops.batch_norm"] = step(lambda: mmops.batch_norm(x, rm, rv, gamma, beta, True, 0.1, 1e-5))
+    cands["mmops.batch_norm(activation=tanh)"] = step(
+        lambda: mmops.batch_norm(x, rm, rv, gamma, beta, True, 0.1, 1e-5, activation="tanh"))
+    return cands
+
+
+# Each mmops candidate is compared with the PyTorch composition that computes the same thing.
+BN_BASELINE = {"mmops.batch_norm(activation=tanh)": "F.batch_norm + torch.tanh",
+               "torch.compile(F.batch_norm + tanh)": "F.batch_norm + torch.tanh"}
+
+
+def bench_bn(sizes, rounds: int, compile_: bool) -> list[dict]:
+    rows = []
+    for N, C in sizes:
+        res = interleaved(_bn_candidates(N, C, compile_), rounds)
+        for name, r in res.items():
+            base = res[BN_BASELINE.get(name, "F.batch_norm")]["median_s"]
+            rows.append({"op": "bn", "size": f"({N}, {C})", "candidate": name, **r,
+                         "baseline": BN_BASELINE.get(name, "F.batch_norm"), "speedup_vs_torch": base / r["median_s"]})
+    return rows
 
 
 def bench_ce(sizes, rounds: int, compile_: bool) -> list[dict]:
@@ -143,7 +197,7 @@ def _plot(name: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmops bench", description=__doc__)
-    p.add_argument("--op", choices=["ce", "all"], default="all")
+    p.add_argument("--op", choices=["ce", "bn", "all"], default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
@@ -158,4 +212,10 @@ def main(argv=None) -> int:
         table = print_table(rows)
         if not args.no_save and not args.quick:
             write_results("ce", rows, table)
+    if args.op in ("bn", "all"):
+        sizes = BN_SIZES[:1] if args.quick else BN_SIZES
+        rows = bench_bn(sizes, rounds, compile_=not args.no_compile and not args.quick)
+        table = print_table(rows)
+        if not args.no_save and not args.quick:
+            write_results("bn", rows, table)
     return 0

@@ -51,11 +51,34 @@ def check_cross_entropy(dtype=torch.float64, n: int = 32, C: int = 27) -> list[C
     ]
 
 
+def check_batch_norm(dtype=torch.float64, n: int = 32, C: int = 64) -> list[CmpRow]:
+    print(f"-- fused mmops.batch_norm(bessel=True, activation='tanh') vs the chain ({dtype}, ({n}, {C}))")
+    g = torch.Generator().manual_seed(2)
+    hprebn = (torch.randn(n, C, generator=g, dtype=dtype) * 2 + 0.3).requires_grad_()
+    bngain = (torch.randn(C, generator=g, dtype=dtype) * 0.1 + 1).requires_grad_()
+    bnbias = (torch.randn(C, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    dh = torch.randn(n, C, generator=g, dtype=dtype)
+    chain = reference.batch_norm_chain(hprebn.detach(), bngain.detach().view(1, -1), bnbias.detach().view(1, -1))
+    h_ref = torch.tanh(chain["hpreact"])
+    dhpreact = (1 - h_ref**2) * dh
+    manual = reference.batch_norm_chain_backward(chain, dhpreact)
+    h = mmops.batch_norm(hprebn, None, None, bngain, bnbias, True, bessel=True, activation="tanh")
+    h.backward(dh)
+    return [
+        cmp("h vs chain", h_ref, h),
+        cmp("dhprebn vs manual chain", manual["dhprebn"], hprebn),
+        cmp("dhprebn vs one-line form", reference.batch_norm_closed_form_grad(hprebn, bngain, dhpreact), hprebn),
+        cmp("dbngain vs manual chain", manual["dbngain"].view(-1), bngain),
+        cmp("dbnbias vs manual chain", manual["dbnbias"].view(-1), bnbias),
+    ]
+
+
 def run_all() -> list[CmpRow]:
     rows = []
     rows += check_manual_chain()
     for dtype in (torch.float64, torch.float32):
         rows += check_cross_entropy(dtype)
+        rows += check_batch_norm(dtype)
     return rows
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._ops import REDUCTIONS, ops
 
-__all__ = ["cross_entropy", "CrossEntropyFunction"]
+__all__ = ["cross_entropy", "CrossEntropyFunction", "batch_norm", "BatchNormFunction"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -179,3 +179,83 @@ def cross_entropy(
     if out_shape is not None and red == 0:
         loss = loss.reshape(out_shape)
     return loss.to(input.dtype) if low else loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchNorm (+ fused activation)
+# ---------------------------------------------------------------------------------------------------------
+ACTIVATIONS = {None: 0, "tanh": 1, "relu": 2}
+
+
+@torch.library.register_fake("mmops::batch_norm_forward")
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, bessel, act):
+    torch._check(input.dim() in (2, 3), lambda: "mmops.batch_norm: expected input of shape (N, C) or (N, C, L)")
+    C = input.shape[1]
+    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty((C,)), input.new_empty((C,))
+
+
+@torch.library.register_fake("mmops::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, output, input, weight, mean, invstd, training, bessel, act, output_mask):
+    C = input.shape[1]
+    dx = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else input.new_empty((0,))
+    return dx, input.new_empty((C if output_mask[1] else 0,)), input.new_empty((C if output_mask[2] else 0,))
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """act(BatchNorm(x)) in one forward kernel; the closed-form backward with the activation's derivative
+    folded in, in one reduction pass and one elementwise pass."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, bessel, act):
+        with _below_autograd():
+            h, mean, invstd = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                                                     momentum, eps, bessel, act)
+        ctx.save_for_backward(input, h, weight, mean, invstd)
+        ctx.flags = (training, bessel, act)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h):
+        input, h, weight, mean, invstd = ctx.saved_tensors
+        training, bessel, act = ctx.flags
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], need[2]]
+        dx, dw, db = ops.batch_norm_backward(grad_h, h, input, weight, mean, invstd, training, bessel, act, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                None, None, None, None, None, None, None)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    bessel: bool = False,
+    activation: str | None = None,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm`` on (N, C) and (N, C, L) input, plus:
+
+    bessel=True normalises training batches with the unbiased variance (n - 1), as the makemore notebooks
+    do (running_var is updated with the unbiased variance either way, as in PyTorch);
+    activation="tanh" | "relu" applies the activation in the same kernel, forward and backward.
+    float32/float64; float16/bfloat16 input is computed in float32 (statistics and parameters in float32).
+    """
+    act = ACTIVATIONS.get(activation, -1) if activation is None or isinstance(activation, str) else -1
+    if act < 0:
+        raise ValueError(f"mmops.batch_norm: activation must be None, 'tanh' or 'relu', got {activation!r}")
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError("mmops.batch_norm: input must be a floating-point tensor, got "
+                        + (str(input.dtype) if isinstance(input, Tensor) else type(input).__name__))
+    if input.dim() not in (2, 3):
+        raise ValueError(f"mmops.batch_norm: expected input of shape (N, C) or (N, C, L), got {tuple(input.shape)}")
+    low = input.dtype in _LOW_PRECISION
+    x = input.float() if low else input
+    out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                                  float(eps), bool(bessel), act)
+    return out.to(input.dtype) if low else out

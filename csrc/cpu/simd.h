@@ -97,3 +97,33 @@ MMOPS_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
 }
 
 }  // namespace mmops::simd
+
+namespace mmops::simd {
+
+// tanh for float: odd rational approximation x * P(x^2) / Q(x^2) on [-7.9, 7.9] (Eigen's coefficients),
+// accurate to a few ulp, branch-free, NaN-preserving; |x| < 4e-4 returns x (tanh(x) = x to float precision).
+MMOPS_INLINE float tanh(float x) {
+  const float c = 7.90531110763549805f;
+  float xc = x > c ? c : x;
+  xc = xc < -c ? -c : xc;
+  const float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const float r = p / q;
+  const float ax = x < 0 ? -x : x;
+  return ax < 0.0004f ? x : r;
+}
+
+MMOPS_INLINE double tanh(double x) { return __builtin_tanh(x); }
+
+}  // namespace mmops::simd

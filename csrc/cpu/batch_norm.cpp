@@ -1,0 +1,414 @@
+// Fused BatchNorm (training and eval) with an optional fused activation, on the CPU.
+//
+// Forward, per channel c over the n = N*L values of x (input (N, C) or (N, C, L)):
+//   mean = sum x / n,   var = sum (x - mean)^2 / d,   d = n - 1 if bessel (the makemore notebook) else n
+//   xhat = (x - mean) * invstd,  invstd = 1 / sqrt(var + eps)
+//   y = gamma * xhat + beta,     h = act(y)   (act: identity, tanh or relu)
+//   running_mean += momentum * (mean - running_mean)
+//   running_var  += momentum * (var_unbiased - running_var)       (PyTorch's rule: always unbiased)
+// The statistics take one read of x: shifted sums S1 = sum (x - K), S2 = sum (x - K)^2 with K = the
+// channel's first value, accumulated in double (no cancellation worth the name: the shift puts the data
+// near zero and double carries 29 more bits than float). The second read writes h = act(x * a + b) with
+// a = gamma * invstd, b = beta - mean * a.
+//
+// Backward, with dy' = dh * act'(h) (1 - h^2 for tanh, [h > 0] for relu: dhpreact never exists as a tensor):
+//   dbeta  = sum dy',   dgamma = sum dy' * xhat
+//   dx = gamma * invstd / n * (n dy' - dbeta - k * xhat * dgamma),  k = n / (n - 1) if bessel else 1
+//   (the notebook's closed form; k = 1 is its biased-variance twin). In eval mode mean and invstd are
+//   constants (the running statistics): dx = gamma * invstd * dy'.
+// One reduction pass (dbeta, dgamma) and one elementwise pass, written as dx = A dy' + B x + D per channel.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace mmops {
+namespace {
+
+using at::Tensor;
+
+enum Activation : int64_t { kNone = 0, kTanh = 1, kRelu = 2 };
+constexpr int64_t kGrainElements = 32768;
+
+template <typename T, int kAct>
+MMOPS_INLINE T activate(T y) {
+  if (kAct == kTanh) return simd::tanh(y);
+  if (kAct == kRelu) return y > T(0) ? y : T(0);
+  return y;
+}
+
+// dy' = dh * act'(h), from the saved output h.
+template <typename T, int kAct>
+MMOPS_INLINE T act_grad(T dh, T h) {
+  if (kAct == kTanh) return dh * (T(1) - h * h);
+  if (kAct == kRelu) return h > T(0) ? dh : T(0);
+  return dh;
+}
+
+// Shapes: x is (N, C, L) contiguous; for (N, C) input L = 1. Channel c of row n starts at (n*C + c)*L.
+struct Shape {
+  int64_t N, C, L;
+};
+
+// ---- statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2 over rows [n0, n1) -------------------
+template <typename T>
+MMOPS_INLINE void shifted_sums(const T* x, Shape s, const T* K, int64_t n0, int64_t n1, double* S1, double* S2) {
+  const int64_t C = s.C, L = s.L;
+  if (L == 1) {  // (N, C): vectorise across the channels of a row
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* r = x + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = static_cast<double>(r[c]) - static_cast<double>(K[c]);
+        S1[c] += d;
+        S2[c] += d * d;
+      }
+    }
+  } else {  // (N, C, L): vectorise along L
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const T* r = x + (n * C + c) * L;
+        const double k = static_cast<double>(K[c]);
+        double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t l = 0; l < L; ++l) {
+          const double d = static_cast<double>(r[l]) - k;
+          a += d;
+          b += d * d;
+        }
+        S1[c] += a;
+        S2[c] += b;
+      }
+  }
+}
+
+// ---- h = act(x * a[c] + b[c]) over rows [n0, n1) -------------------------------------------------------
+template <typename T, int kAct>
+MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* a, const T* b, int64_t n0, int64_t n1) {
+  const int64_t C = s.C, L = s.L;
+  if (L == 1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* r = x + n * C;
+      T* o = h + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = activate<T, kAct>(r[c] * a[c] + b[c]);
+    }
+  } else {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const T* r = x + (n * C + c) * L;
+        T* o = h + (n * C + c) * L;
+        const T ac = a[c], bc = b[c];
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) o[l] = activate<T, kAct>(r[l] * ac + bc);
+      }
+  }
+}
+
+// ---- backward reduction: Sdy[c] += sum dy', Sdyx[c] += sum dy' * (x - mean[c]) --------------------------
+template <typename T, int kAct>
+MMOPS_INLINE void backward_sums(const T* dh, const T* h, const T* x, Shape s, const T* mean, int64_t n0, int64_t n1,
+                                double* Sdy, double* Sdyx) {
+  const int64_t C = s.C, L = s.L;
+  if (L == 1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t o = n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = act_grad<T, kAct>(dh[o + c], h[o + c]);
+        Sdy[c] += static_cast<double>(g);
+        Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
+      }
+    }
+  } else {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = (n * C + c) * L;
+        const T m = mean[c];
+        double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t l = 0; l < L; ++l) {
+          const T g = act_grad<T, kAct>(dh[o + l], h[o + l]);
+          a += static_cast<double>(g);
+          b += static_cast<double>(g * (x[o + l] - m));
+        }
+        Sdy[c] += a;
+        Sdyx[c] += b;
+      }
+  }
+}
+
+// ---- dx = A[c] dy' + B[c] x + D[c] over rows [n0, n1) --------------------------------------------------------
+template <typename T, int kAct>
+MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape s, const T* A, const T* B,
+                              const T* D, int64_t n0, int64_t n1) {
+  const int64_t C = s.C, L = s.L;
+  if (L == 1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t o = n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dx[o + c] = A[c] * act_grad<T, kAct>(dh[o + c], h[o + c]) + B[c] * x[o + c] + D[c];
+    }
+  } else {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = (n * C + c) * L;
+        const T a = A[c], b = B[c], d = D[c];
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) dx[o + l] = a * act_grad<T, kAct>(dh[o + l], h[o + l]) + b * x[o + l] + d;
+      }
+  }
+}
+
+// SIMD-dispatched entry points (one ifunc call per block of rows).
+#define MMOPS_BN_ENTRY(NAME, SIG, CALL)                         \
+  MMOPS_SIMD_CLONES void NAME##_f32 SIG { CALL(float); }        \
+  void NAME##_f64 SIG { CALL(double); }
+
+template <typename T>
+void bn_stats(const T* x, Shape s, const T* K, int64_t n0, int64_t n1, double* S1, double* S2);
+template <>
+MMOPS_SIMD_CLONES void bn_stats<float>(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1,
+                                       double* S2) {
+  shifted_sums(x, s, K, n0, n1, S1, S2);
+}
+template <>
+void bn_stats<double>(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2) {
+  shifted_sums(x, s, K, n0, n1, S1, S2);
+}
+
+template <typename T>
+MMOPS_INLINE void bn_normalize_impl(int64_t act, const T* x, T* h, Shape s, const T* a, const T* b, int64_t n0,
+                                    int64_t n1) {
+  if (act == kTanh) normalize_rows<T, kTanh>(x, h, s, a, b, n0, n1);
+  else if (act == kRelu) normalize_rows<T, kRelu>(x, h, s, a, b, n0, n1);
+  else normalize_rows<T, kNone>(x, h, s, a, b, n0, n1);
+}
+MMOPS_SIMD_CLONES void bn_normalize(int64_t act, const float* x, float* h, Shape s, const float* a, const float* b,
+                                    int64_t n0, int64_t n1) {
+  bn_normalize_impl(act, x, h, s, a, b, n0, n1);
+}
+void bn_normalize(int64_t act, const double* x, double* h, Shape s, const double* a, const double* b, int64_t n0,
+                  int64_t n1) {
+  bn_normalize_impl(act, x, h, s, a, b, n0, n1);
+}
+
+template <typename T>
+MMOPS_INLINE void bn_bsums_impl(int64_t act, const T* dh, const T* h, const T* x, Shape s, const T* mean, int64_t n0,
+                                int64_t n1, double* Sdy, double* Sdyx) {
+  if (act == kTanh) backward_sums<T, kTanh>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+  else if (act == kRelu) backward_sums<T, kRelu>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+  else backward_sums<T, kNone>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+}
+MMOPS_SIMD_CLONES void bn_bsums(int64_t act, const float* dh, const float* h, const float* x, Shape s,
+                                const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
+  bn_bsums_impl(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+}
+void bn_bsums(int64_t act, const double* dh, const double* h, const double* x, Shape s, const double* mean, int64_t n0,
+              int64_t n1, double* Sdy, double* Sdyx) {
+  bn_bsums_impl(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+}
+
+template <typename T>
+MMOPS_INLINE void bn_dx_impl(int64_t act, const T* dh, const T* h, const T* x, T* dx, Shape s, const T* A, const T* B,
+                             const T* D, int64_t n0, int64_t n1) {
+  if (act == kTanh) backward_dx<T, kTanh>(dh, h, x, dx, s, A, B, D, n0, n1);
+  else if (act == kRelu) backward_dx<T, kRelu>(dh, h, x, dx, s, A, B, D, n0, n1);
+  else backward_dx<T, kNone>(dh, h, x, dx, s, A, B, D, n0, n1);
+}
+MMOPS_SIMD_CLONES void bn_dx(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
+                             const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
+  bn_dx_impl(act, dh, h, x, dx, s, A, B, D, n0, n1);
+}
+void bn_dx(int64_t act, const double* dh, const double* h, const double* x, double* dx, Shape s, const double* A,
+           const double* B, const double* D, int64_t n0, int64_t n1) {
+  bn_dx_impl(act, dh, h, x, dx, s, A, B, D, n0, n1);
+}
+
+// Per-thread partial sums over row blocks, then added up (2*C doubles per thread).
+template <typename F>
+void reduce_rows(Shape s, int64_t C, F&& body, std::vector<double>& out1, std::vector<double>& out2) {
+  const int64_t per_row = s.C * s.L;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1));
+  const int nt = std::max(1, at::get_num_threads());
+  std::vector<double> p1(static_cast<size_t>(nt) * C, 0.0), p2(static_cast<size_t>(nt) * C, 0.0);
+  at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
+    const int t = at::get_thread_num();
+    body(n0, n1, p1.data() + t * C, p2.data() + t * C);
+  });
+  out1.assign(C, 0.0);
+  out2.assign(C, 0.0);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] += p1[t * C + c];
+      out2[c] += p2[t * C + c];
+    }
+}
+
+Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3 ? x.size(2) : 1}; }
+
+void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& input) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == input.size(1), "mmops.batch_norm: ", name, " must have shape (",
+                    input.size(1), ",) (one per channel), got ", t->sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == input.scalar_type(), "mmops.batch_norm: ", name, " dtype ", t->scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "mmops.batch_norm: ", name, " is on ", t->device(), " but input is on ",
+              input.device());
+}
+
+bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& running_mean,
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double momentum, double eps, bool bessel, int64_t activation) {
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, "mmops.batch_norm: expected input of shape (N, C) or "
+                    "(N, C, L), got ", input.sizes());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "mmops.batch_norm: input must be float32 or float64 here, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "mmops.batch_norm: activation code ", activation,
+                    " is not 0 (none), 1 (tanh) or 2 (relu)");
+  check_param(weight, "weight", input);
+  check_param(bias, "bias", input);
+  check_param(running_mean, "running_mean", input);
+  check_param(running_var, "running_var", input);
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be "
+                    "given together");
+  TORCH_CHECK_VALUE(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean "
+                    "and running_var");
+  const Shape s = shape_of(input);
+  const int64_t n = s.N * s.L;
+  TORCH_CHECK_VALUE(!training || n > 1, "mmops.batch_norm: expected more than 1 value per channel when training, got "
+                    "input of shape ", input.sizes());
+  TORCH_CHECK_VALUE(!(training && bessel) || n > 1, "mmops.batch_norm: bessel=True needs n > 1");
+  if (has(running_mean)) {
+    TORCH_CHECK_VALUE(running_mean->is_contiguous() && running_var->is_contiguous(),
+                      "mmops.batch_norm: running_mean and running_var must be contiguous");
+  }
+
+  const Tensor x = input.contiguous();
+  Tensor h = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty({s.C}, x.options());
+  Tensor invstd = at::empty({s.C}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_forward", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    T* mp = mean.mutable_data_ptr<T>();
+    T* ip = invstd.mutable_data_ptr<T>();
+    if (training) {
+      // The shift K: the channel's first value (row 0, l = 0).
+      std::vector<T> K(s.C);
+      for (int64_t c = 0; c < s.C; ++c) K[c] = xp[c * s.L];
+      std::vector<double> S1, S2;
+      reduce_rows(s, s.C, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats<T>(xp, s, K.data(), n0, n1, a, b); },
+                  S1, S2);
+      T* rmp = has(running_mean) ? running_mean->mutable_data_ptr<T>() : nullptr;
+      T* rvp = has(running_var) ? running_var->mutable_data_ptr<T>() : nullptr;
+      for (int64_t c = 0; c < s.C; ++c) {
+        const double d1 = S1[c] / n;
+        const double m2 = std::max(0.0, S2[c] - S1[c] * d1);  // sum (x - mean)^2
+        const double var = m2 / (bessel ? n - 1 : n);
+        const double m = static_cast<double>(K[c]) + d1;
+        mp[c] = static_cast<T>(m);
+        ip[c] = static_cast<T>(1.0 / std::sqrt(var + eps));
+        if (rmp) {
+          rmp[c] = static_cast<T>((1 - momentum) * rmp[c] + momentum * m);
+          rvp[c] = static_cast<T>((1 - momentum) * rvp[c] + momentum * (m2 / (n - 1)));
+        }
+      }
+    } else {
+      const T* rmp = running_mean->const_data_ptr<T>();
+      const T* rvp = running_var->const_data_ptr<T>();
+      for (int64_t c = 0; c < s.C; ++c) {
+        mp[c] = rmp[c];
+        ip[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rvp[c]) + eps));
+      }
+    }
+    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
+    const T* bp = has(bias) ? bias->const_data_ptr<T>() : nullptr;
+    std::vector<T> a(s.C), b(s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      a[c] = (wp ? wp[c] : T(1)) * ip[c];
+      b[c] = (bp ? bp[c] : T(0)) - mp[c] * a[c];
+    }
+    T* hp = h.mutable_data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(s.C * s.L, 1));
+    at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
+      bn_normalize(activation, xp, hp, s, a.data(), b.data(), n0, n1);
+    });
+  });
+  return {h, mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& output,
+                                                       const Tensor& input, const std::optional<Tensor>& weight,
+                                                       const Tensor& mean, const Tensor& invstd, bool training,
+                                                       bool bessel, int64_t activation,
+                                                       std::array<bool, 3> output_mask) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes() && output.sizes() == input.sizes(),
+                    "mmops.batch_norm backward: grad_output ", grad_out.sizes(), " and output ", output.sizes(),
+                    " must have the input's shape ", input.sizes());
+  const Shape s = shape_of(input);
+  const int64_t n = s.N * s.L;
+  const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
+  // Outputs that output_mask leaves out are returned empty (shape (0,)), not computed.
+  Tensor dx = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
+  Tensor dgamma = at::empty({output_mask[1] ? s.C : 0}, x.options());
+  Tensor dbeta = at::empty({output_mask[2] ? s.C : 0}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward", [&] {
+    using T = scalar_t;
+    const T *xp = x.const_data_ptr<T>(), *dhp = dh.const_data_ptr<T>(), *hp = h.const_data_ptr<T>();
+    const T *mp = mean.const_data_ptr<T>(), *ip = invstd.const_data_ptr<T>();
+    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
+    std::vector<double> Sdy, Sdyx;
+    reduce_rows(s, s.C, [&](int64_t n0, int64_t n1, double* a, double* b) {
+      bn_bsums(activation, dhp, hp, xp, s, mp, n0, n1, a, b);
+    }, Sdy, Sdyx);
+    std::vector<T> A(s.C), B(s.C), D(s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      const double inv = ip[c];
+      const double dbeta_c = Sdy[c], dgamma_c = Sdyx[c] * inv;  // sum dy', sum dy' * xhat
+      if (output_mask[1]) dgamma.mutable_data_ptr<T>()[c] = static_cast<T>(dgamma_c);
+      if (output_mask[2]) dbeta.mutable_data_ptr<T>()[c] = static_cast<T>(dbeta_c);
+      const double a = (wp ? static_cast<double>(wp[c]) : 1.0) * inv;  // gamma * invstd
+      if (training) {
+        const double k = bessel ? static_cast<double>(n) / (n - 1) : 1.0;
+        const double b = -a * k * dgamma_c * inv / n;  // coefficient of x: -gamma invstd k dgamma / n * invstd
+        A[c] = static_cast<T>(a);
+        B[c] = static_cast<T>(b);
+        D[c] = static_cast<T>(-a * dbeta_c / n - b * static_cast<double>(mp[c]));
+      } else {
+        A[c] = static_cast<T>(a);
+        B[c] = D[c] = T(0);
+      }
+    }
+    if (output_mask[0]) {
+      T* dxp = dx.mutable_data_ptr<T>();
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(s.C * s.L, 1));
+      at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
+        bn_dx(activation, dhp, hp, xp, dxp, s, A.data(), B.data(), D.data(), n0, n1);
+      });
+    }
+  });
+  return {dx, dgamma, dbeta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmops, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace mmops

@@ -1,0 +1,201 @@
+"""mmops.batch_norm / mmops.nn.BatchNorm1d against F.batch_norm (+ tanh/relu) and the reference chain."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmops
+import mmops.nn
+from mmops import reference
+from mmops._ops import ops
+from mmops.testing import cmp
+
+from .conftest import tol
+
+ACT = {None: lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
+
+
+def _run(fn, x, rm, rv, w, b, go):
+    xi = x.detach().clone().requires_grad_()
+    wi = None if w is None else w.detach().clone().requires_grad_()
+    bi = None if b is None else b.detach().clone().requires_grad_()
+    y = fn(xi, rm, rv, wi, bi)
+    y.backward(go)
+    grads = [xi.grad] + [p.grad for p in (wi, bi) if p is not None]
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (32, 64), (7, 200), (300, 17), (8, 5, 9), (3, 4, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+@pytest.mark.parametrize("momentum", [0.1, 0.7])
+def test_matches_torch(shape, dtype, training, affine, activation, momentum):
+    C = shape[1]
+    x = torch.randn(*shape, dtype=dtype) * 2 + 0.5
+    w = torch.randn(C, dtype=dtype) if affine else None
+    b = torch.randn(C, dtype=dtype) if affine else None
+    rm0, rv0 = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
+    go = torch.randn(*shape, dtype=dtype)
+    rm1, rv1, rm2, rv2 = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
+    y1, g1 = _run(lambda x, rm, rv, w, b: mmops.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5,
+                                                           activation=activation), x, rm1, rv1, w, b, go)
+    y2, g2 = _run(lambda x, rm, rv, w, b: ACT[activation](F.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5)),
+                  x, rm2, rv2, w, b, go)
+    t = tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y1, y2, **t)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, **t)
+    torch.testing.assert_close(rm1, rm2, **t)
+    torch.testing.assert_close(rv1, rv2, **t)
+
+
+def test_bessel_matches_reference_chain_cmp():
+    n, C = 32, 64
+    hprebn = torch.randn(n, C, dtype=torch.float64) * 3 + 1
+    bngain = torch.randn(1, C, dtype=torch.float64) * 0.1 + 1
+    bnbias = torch.randn(1, C, dtype=torch.float64) * 0.1
+    dhpreact = torch.randn(n, C, dtype=torch.float64)
+    chain = reference.batch_norm_chain(hprebn, bngain, bnbias)
+    manual = reference.batch_norm_chain_backward(chain, dhpreact)
+    x = hprebn.clone().requires_grad_()
+    g = bngain.view(-1).clone().requires_grad_()
+    b = bnbias.view(-1).clone().requires_grad_()
+    out = mmops.batch_norm(x, None, None, g, b, training=True, bessel=True)
+    out.backward(dhpreact)
+    rows = [
+        cmp("hpreact", chain["hpreact"], out.detach(), verbose=False),
+        cmp("dhprebn (chain)", manual["dhprebn"], x, verbose=False),
+        cmp("dhprebn (one-line)", reference.batch_norm_closed_form_grad(hprebn, bngain, dhpreact), x, verbose=False),
+        cmp("dbngain", manual["dbngain"], g, verbose=False),
+        cmp("dbnbias", manual["dbnbias"], b, verbose=False),
+    ]
+    assert all(r.approx for r in rows), rows
+
+
+def test_bessel_tanh_matches_chain_then_tanh():
+    x = torch.randn(16, 10, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(16, 10, dtype=torch.float64)
+    y = mmops.batch_norm(x, None, None, g, b, True, bessel=True, activation="tanh")
+    grads = torch.autograd.grad(y, (x, g, b), go)
+    ref = torch.tanh(reference.batch_norm_chain(x, g, b, bessel=True)["hpreact"])
+    ref_grads = torch.autograd.grad(ref, (x, g, b), go)
+    torch.testing.assert_close(y, ref)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_running_stats_over_several_steps_and_cumulative_momentum():
+    for momentum in (0.1, None):
+        m = mmops.nn.BatchNorm1d(12, momentum=momentum)
+        r = torch.nn.BatchNorm1d(12, momentum=momentum)
+        for step in range(5):
+            x = torch.randn(20, 12) * (step + 1) + step
+            torch.testing.assert_close(m(x), r(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_mean, r.running_mean)
+        torch.testing.assert_close(m.running_var, r.running_var)
+        assert int(m.num_batches_tracked) == int(r.num_batches_tracked) == 5
+        m.eval(), r.eval()
+        x = torch.randn(7, 12)
+        torch.testing.assert_close(m(x), r(x), rtol=1e-4, atol=1e-5)
+
+
+def test_no_running_stats_uses_batch_stats_in_eval():
+    m = mmops.nn.BatchNorm1d(6, track_running_stats=False).eval()
+    r = torch.nn.BatchNorm1d(6, track_running_stats=False).eval()
+    x = torch.randn(9, 6)
+    torch.testing.assert_close(m(x), r(x), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_both_ways():
+    r = torch.nn.BatchNorm1d(8)
+    r.train()(torch.randn(10, 8))
+    with torch.no_grad():
+        r.weight.uniform_(), r.bias.uniform_()
+    m = mmops.nn.BatchNorm1d(8, activation="tanh")
+    m.load_state_dict(r.state_dict())
+    assert set(m.state_dict()) == set(r.state_dict())
+    r2 = torch.nn.BatchNorm1d(8)
+    r2.load_state_dict(m.state_dict())
+    for k, v in r.state_dict().items():
+        torch.testing.assert_close(r2.state_dict()[k], v)
+    m.eval(), r.eval()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(m(x), torch.tanh(r(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_input():
+    x = torch.randn(64, 16).bfloat16()
+    rm, rv = torch.zeros(16), torch.ones(16)
+    y = mmops.batch_norm(x, rm, rv, None, None, True, activation="tanh")
+    assert y.dtype == torch.bfloat16
+    ref = torch.tanh(F.batch_norm(x.float(), torch.zeros(16), torch.ones(16), None, None, True))
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("bessel", [False, True])
+def test_gradcheck(activation, training, bessel):
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    if activation == "relu":  # keep pre-activations away from the kink at 0
+        x = (torch.randn(6, 4, dtype=torch.float64) + torch.tensor([3.0, -3.0, 3.0, 3.0], dtype=torch.float64))
+        x.requires_grad_()
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = (torch.rand(4, dtype=torch.float64) * (2.0 if activation == "relu" else 0.2)).requires_grad_()
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    f = lambda x, w, b: mmops.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, bessel=bessel,
+                                         activation=activation)
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(8, 5)
+    w, b = torch.rand(5), torch.rand(5)
+    for training, act in [(True, 0), (True, 1), (False, 2)]:
+        torch.library.opcheck(ops.batch_norm_forward.default,
+                              (x, w, b, torch.zeros(5), torch.ones(5), training, 0.1, 1e-5, False, act),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    h, mean, invstd = ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5, False, 1)
+    torch.library.opcheck(ops.batch_norm_backward.default,
+                          (torch.randn(8, 5), h, x, w, mean, invstd, True, False, 1, [True, True, True]),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    m = mmops.nn.BatchNorm1d(10, activation="tanh")
+    r = torch.nn.BatchNorm1d(10)
+    x = torch.randn(16, 10, requires_grad=True)
+    f = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = f(x)
+    y.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    yr = torch.tanh(r(xr))
+    yr.sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.running_mean, r.running_mean)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: mmops.batch_norm(torch.randn(1, 4), None, None, training=True), ValueError, "more than 1 value"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4), None, None, torch.ones(3), training=True), ValueError, "weight"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4), None, None, None, torch.ones(5), True), ValueError, "bias"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4), torch.zeros(3), torch.ones(3), training=True), ValueError,
+         "running_mean"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4), None, None, training=False), ValueError, "running_mean"),
+        (lambda: mmops.batch_norm(torch.randint(0, 3, (5, 4)), None, None, training=True), TypeError, "floating"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4), None, None, training=True, activation="gelu"), ValueError,
+         "activation"),
+        (lambda: mmops.batch_norm(torch.randn(5, 4, 3, 2), None, None, training=True), ValueError, r"\(N, C\)"),
+        (lambda: mmops.nn.BatchNorm1d(4)(torch.randn(5)), ValueError, "2D or 3D"),
+        (lambda: mmops.nn.BatchNorm1d(4, activation="sigmoid"), ValueError, "activation"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
