@@ -25,6 +25,10 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/simd.h"
 
 namespace mmops {
@@ -194,6 +198,98 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
   return total;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMOPS_NO_CLONES)
+// Short rows on AVX-512 (C <= 32: makemore's 27 characters). A whole row sits in two zmm registers filled by
+// masked loads (lanes past C read as -inf, so exp gives 0 there and nothing outside the row is touched), so
+// max, exp, sum and the gradient store take a handful of instructions and no scalar remainder loop. Covers
+// the plain case (class-index targets, no weight, no smoothing); the others take the generic blocks.
+#define MMOPS_AVX512_SMALL_ROWS 1
+#define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+// simd::exp, lane-wise: the same Cephes polynomial; 2^n applied by scalef; NaN kept (min/max return
+// their second operand when one is NaN, so x goes second); x < -87.34 flushed to 0.
+MMOPS_AVX512 __m512 exp_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
+  __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+  const __m512 res = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+}
+
+__attribute__((target("avx512f"))) double ce_small_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  const __mmask16 k0 = C >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << C) - 1);
+  const __mmask16 k1 = C > 16 ? __mmask16((1u << (C - 16)) - 1) : __mmask16(0);
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 rs = _mm512_set1_ps(a.rs);
+  // For mean/sum only the total matters: sum_i log(s_i) = log(prod_i s_i), with 1 <= s_i <= C <= 32, so a
+  // product of 16 rows stays below 2^80 in double and one log serves 16 rows.
+  double total = 0, prod = 1;
+  int in_prod = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t y = a.y[i];
+    const float* x = a.x + i * C;
+    float* g = a.grad ? a.grad + i * C : nullptr;
+    if (y == a.ignore_index) {
+      if (g) {
+        _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
+      }
+      if (a.loss_rows) a.loss_rows[i] = 0;
+      continue;
+    }
+    const __m512 x0 = _mm512_mask_loadu_ps(ninf, k0, x);
+    const __m512 x1 = _mm512_mask_loadu_ps(ninf, k1, x + 16);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
+    const float x_y = x[y];  // read before the gradient store (which may overwrite x)
+    const __m512 vm = _mm512_set1_ps(m);
+    const __m512 e0 = exp_avx512(_mm512_sub_ps(x0, vm));
+    const __m512 e1 = exp_avx512(_mm512_sub_ps(x1, vm));
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+    if (a.loss_rows) {
+      const float loss = m + std::log(s) - x_y;
+      a.loss_rows[i] = loss;
+      total += loss;
+    } else {
+      total += static_cast<double>(m) - x_y;
+      prod *= s;
+      if (++in_prod == 16 || !(s >= 1.0f)) {  // s < 1 or NaN: do not let it hide in the product
+        total += std::log(prod);
+        prod = 1;
+        in_prod = 0;
+      }
+    }
+    if (g) {
+      const __m512 coef = _mm512_set1_ps(a.rs / s);
+      // the one-hot subtraction in the register: no scalar read-modify-write after the masked store
+      const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
+      const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
+      _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(_mm512_mul_ps(e0, coef), hot0, _mm512_mul_ps(e0, coef), rs));
+      _mm512_mask_storeu_ps(g + 16, k1,
+                            _mm512_mask_sub_ps(_mm512_mul_ps(e1, coef), hot1, _mm512_mul_ps(e1, coef), rs));
+    }
+  }
+  if (in_prod) total += std::log(prod);
+  return total;
+}
+
+bool cpu_has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
 // Picks the instantiation for the options once per block of rows, not per row.
 template <typename T>
 MMOPS_INLINE double ce_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
@@ -227,7 +323,12 @@ MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int6
   return ce_rows<float>(a, begin, end);
 }
 double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
-double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) { return ce_rows_f32(a, b, e); }
+double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) {
+#ifdef MMOPS_AVX512_SMALL_ROWS
+  if (a.C <= 32 && a.y && !a.w && a.eps == 0 && cpu_has_avx512()) return ce_small_rows_avx512(a, b, e);
+#endif
+  return ce_rows_f32(a, b, e);
+}
 double ce_rows_any(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
 
 // out[i, :] = g[i, :] * go[i * go_stride] (out may be g).
