@@ -205,6 +205,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.no_compile:
+        # no background compile workers competing with the timed candidates
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
     rounds = 3 if args.quick else args.rounds
     if args.op in ("ce", "all"):
         sizes = CE_SIZES[:1] if args.quick else CE_SIZES
