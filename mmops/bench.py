@@ -140,6 +140,9 @@ def bench_ce(sizes, rounds: int, compile_: bool) -> list[dict]:
     return rows
 
 
+BENCHMARKS = {"ce": (bench_ce, CE_SIZES), "bn": (bench_bn, BN_SIZES)}
+
+
 def _machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
@@ -197,7 +200,7 @@ def _plot(name: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmops bench", description=__doc__)
-    p.add_argument("--op", choices=["ce", "bn", "all"], default="all")
+    p.add_argument("--op", choices=[*BENCHMARKS, "all"], default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
@@ -211,16 +214,11 @@ def main(argv=None) -> int:
 
         inductor_config.compile_threads = 1
     rounds = 3 if args.quick else args.rounds
-    if args.op in ("ce", "all"):
-        sizes = CE_SIZES[:1] if args.quick else CE_SIZES
-        rows = bench_ce(sizes, rounds, compile_=not args.no_compile and not args.quick)
+    for op, (bench, sizes) in BENCHMARKS.items():
+        if args.op not in (op, "all"):
+            continue
+        rows = bench(sizes[:1] if args.quick else sizes, rounds, compile_=not args.no_compile and not args.quick)
         table = print_table(rows)
         if not args.no_save and not args.quick:
-            write_results("ce", rows, table)
-    if args.op in ("bn", "all"):
-        sizes = BN_SIZES[:1] if args.quick else BN_SIZES
-        rows = bench_bn(sizes, rounds, compile_=not args.no_compile and not args.quick)
-        table = print_table(rows)
-        if not args.no_save and not args.quick:
-            write_results("bn", rows, table)
+            write_results(op, rows, table)
     return 0
