@@ -167,20 +167,12 @@ MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape 
   }
 }
 
-// SIMD-dispatched entry points (one ifunc call per block of rows).
-#define MMOPS_BN_ENTRY(NAME, SIG, CALL)                         \
-  MMOPS_SIMD_CLONES void NAME##_f32 SIG { CALL(float); }        \
-  void NAME##_f64 SIG { CALL(double); }
-
-template <typename T>
-void bn_stats(const T* x, Shape s, const T* K, int64_t n0, int64_t n1, double* S1, double* S2);
-template <>
-MMOPS_SIMD_CLONES void bn_stats<float>(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1,
-                                       double* S2) {
+// SIMD-dispatched entry points (one ifunc call per block of rows): float through target_clones, double plain.
+MMOPS_SIMD_CLONES void bn_stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1,
+                                double* S2) {
   shifted_sums(x, s, K, n0, n1, S1, S2);
 }
-template <>
-void bn_stats<double>(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2) {
+void bn_stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2) {
   shifted_sums(x, s, K, n0, n1, S1, S2);
 }
 
@@ -234,8 +226,8 @@ void bn_dx(int64_t act, const double* dh, const double* h, const double* x, doub
 
 // Per-thread partial sums over row blocks, then added up (2*C doubles per thread).
 template <typename F>
-void reduce_rows(Shape s, int64_t C, F&& body, std::vector<double>& out1, std::vector<double>& out2) {
-  const int64_t per_row = s.C * s.L;
+void reduce_rows(Shape s, F&& body, std::vector<double>& out1, std::vector<double>& out2) {
+  const int64_t C = s.C, per_row = s.C * s.L;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1));
   const int nt = std::max(1, at::get_num_threads());
   std::vector<double> p1(static_cast<size_t>(nt) * C, 0.0), p2(static_cast<size_t>(nt) * C, 0.0);
@@ -310,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
       std::vector<T> K(s.C);
       for (int64_t c = 0; c < s.C; ++c) K[c] = xp[c * s.L];
       std::vector<double> S1, S2;
-      reduce_rows(s, s.C, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats<T>(xp, s, K.data(), n0, n1, a, b); },
+      reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats(xp, s, K.data(), n0, n1, a, b); },
                   S1, S2);
       T* rmp = has(running_mean) ? running_mean->mutable_data_ptr<T>() : nullptr;
       T* rvp = has(running_var) ? running_var->mutable_data_ptr<T>() : nullptr;
@@ -372,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     const T *mp = mean.const_data_ptr<T>(), *ip = invstd.const_data_ptr<T>();
     const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
     std::vector<double> Sdy, Sdyx;
-    reduce_rows(s, s.C, [&](int64_t n0, int64_t n1, double* a, double* b) {
+    reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) {
       bn_bsums(activation, dhp, hp, xp, s, mp, n0, n1, a, b);
     }, Sdy, Sdyx);
     std::vector<T> A(s.C), B(s.C), D(s.C);

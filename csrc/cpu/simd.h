@@ -58,28 +58,6 @@ MMOPS_INLINE T row_max(const T* __restrict x, int64_t n) {
   return m;
 }
 
-// e[i] = exp(x[i] - m); returns sum(e).
-template <typename T>
-MMOPS_INLINE T exp_sub_store_sum(const T* __restrict x, T* __restrict e, int64_t n, T m) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    T v = exp(x[i] - m);
-    e[i] = v;
-    s += v;
-  }
-  return s;
-}
-
-// sum(exp(x[i] - m)) without storing.
-template <typename T>
-MMOPS_INLINE T exp_sub_sum(const T* __restrict x, int64_t n, T m) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp(x[i] - m);
-  return s;
-}
-
 template <typename T>
 MMOPS_INLINE T sum(const T* __restrict x, int64_t n) {
   T s = 0;
