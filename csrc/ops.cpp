@@ -34,4 +34,19 @@ TORCH_LIBRARY(mmops, m) {
   m.def("batch_norm_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor mean, "
         "Tensor invstd, bool training, bool bessel, int activation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+
+  // ---- RNN (nonlinearity: 0 tanh, 1 relu) ---------------------------------------------------------------
+  // The whole sequence: input (T, B, input_size) floats or (T, B) integer tokens (one-hot rows), hx (B, H);
+  // returns every step's hidden state, (T, B, H) (h_n is its last row).
+  m.def("rnn_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+        "Tensor? bias_hh, int nonlinearity) -> Tensor");
+  // BPTT: returns (grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias); grad_bias is the gradient
+  // of bias_ih and of bias_hh alike. Those output_mask leaves out are empty, shape (0,).
+  m.def("rnn_backward(Tensor grad_output, Tensor output, Tensor input, Tensor hx, Tensor weight_ih, "
+        "Tensor weight_hh, int nonlinearity, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One step (nn.RNNCell): input (B, input_size) or tokens (B,), hx (B, H) -> h' (B, H).
+  m.def("rnn_cell_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+        "Tensor? bias_hh, int nonlinearity) -> Tensor");
+  m.def("rnn_cell_backward(Tensor grad_h, Tensor h, Tensor input, Tensor hx, Tensor weight_ih, "
+        "Tensor weight_hh, int nonlinearity, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

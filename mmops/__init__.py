@@ -4,7 +4,7 @@ Public functions are drop-ins for their torch.nn.functional twins; mmops.nn hold
 """
 from . import _ops  # noqa: F401  (loads the library: torch.ops.mmops.*)
 from . import nn  # noqa: F401
-from .functional import batch_norm, cross_entropy
+from .functional import batch_norm, cross_entropy, rnn, rnn_cell
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "batch_norm"]
+__all__ = ["cross_entropy", "batch_norm", "rnn", "rnn_cell"]

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ._ops import REDUCTIONS, ops
 
-__all__ = ["cross_entropy", "CrossEntropyFunction", "batch_norm", "BatchNormFunction"]
+__all__ = ["cross_entropy", "CrossEntropyFunction", "batch_norm", "BatchNormFunction", "rnn", "rnn_cell",
+           "RNNFunction", "RNNCellFunction"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -259,3 +260,189 @@ def batch_norm(
     out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
                                   float(eps), bool(bessel), act)
     return out.to(input.dtype) if low else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNN: the cell and the whole sequence (BPTT in C++)
+# ---------------------------------------------------------------------------------------------------------
+NONLINEARITIES = {"tanh": 0, "relu": 1}
+
+
+@torch.library.register_fake("mmops::rnn_forward")
+def _rnn_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, act):
+    return w_ih.new_empty((input.shape[0], input.shape[1], w_hh.shape[0]))
+
+
+@torch.library.register_fake("mmops::rnn_cell_forward")
+def _rnn_cell_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, act):
+    return w_ih.new_empty((input.shape[0], w_hh.shape[0]))
+
+
+def _rnn_backward_fake_impl(grad_output, output, input, hx, w_ih, w_hh, act, output_mask):
+    def maybe(flag, shape):
+        return w_ih.new_empty(shape if flag else (0,))
+
+    return (maybe(output_mask[0] and input.is_floating_point(), input.shape), maybe(output_mask[1], hx.shape),
+            maybe(output_mask[2], w_ih.shape), maybe(output_mask[3], w_hh.shape),
+            maybe(output_mask[4], (w_hh.shape[0],)))
+
+
+torch.library.register_fake("mmops::rnn_backward")(_rnn_backward_fake_impl)
+torch.library.register_fake("mmops::rnn_cell_backward")(_rnn_backward_fake_impl)
+
+
+class _RNNBase(torch.autograd.Function):
+    """Shared by the sequence and the cell: the kernels differ only in T (the cell is T = 1)."""
+
+    _fwd = _bwd = None  # set by the subclasses
+
+    @classmethod
+    def _forward(cls, ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
+        with _below_autograd():
+            out = cls._fwd(input, hx, w_ih, w_hh, b_ih, b_hh, act)
+        ctx.save_for_backward(input, hx, w_ih, w_hh, out)
+        ctx.act = act
+        return out
+
+    @classmethod
+    def _backward(cls, ctx, grad_out):
+        input, hx, w_ih, w_hh, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3], need[4] or need[5]]
+        with _below_autograd():
+            d_in, d_hx, d_w_ih, d_w_hh, d_b = cls._bwd(grad_out, out, input, hx, w_ih, w_hh, ctx.act, mask)
+        # b_ih and b_hh get the same gradient: two tensors, so that accumulating into one .grad never
+        # writes the other's
+        return (d_in if need[0] else None, d_hx if need[1] else None, d_w_ih if need[2] else None,
+                d_w_hh if need[3] else None, d_b if need[4] else None,
+                (d_b.clone() if need[4] else d_b) if need[5] else None, None)
+
+
+class RNNFunction(_RNNBase):
+    """The whole sequence: input projection as one matmul, the recurrence and BPTT in C++; the weight
+    gradients are one matmul each over all steps (csrc/cpu/rnn.cpp)."""
+
+    @staticmethod
+    def forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
+        return RNNFunction._forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return RNNFunction._backward(ctx, grad_out)
+
+
+class RNNCellFunction(_RNNBase):
+    """One step, h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh): bias and activation in one pass after the
+    matmuls; the backward folds act' into the pass that forms dpre."""
+
+    @staticmethod
+    def forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
+        return RNNCellFunction._forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return RNNCellFunction._backward(ctx, grad_out)
+
+
+# The op names are looked up lazily (ops is torch.ops.mmops) so that the classes stay plain data.
+RNNFunction._fwd = staticmethod(lambda *a: ops.rnn_forward(*a))
+RNNFunction._bwd = staticmethod(lambda *a: ops.rnn_backward(*a))
+RNNCellFunction._fwd = staticmethod(lambda *a: ops.rnn_cell_forward(*a))
+RNNCellFunction._bwd = staticmethod(lambda *a: ops.rnn_cell_backward(*a))
+
+
+def _nonlinearity_code(nonlinearity, fn: str) -> int:
+    code = NONLINEARITIES.get(nonlinearity) if isinstance(nonlinearity, str) else None
+    if code is None:
+        raise ValueError(f"{fn}: unknown nonlinearity {nonlinearity!r} (expected 'tanh' or 'relu')")
+    return code
+
+
+def _check_rnn_input(input, w_ih, fn: str, token_dim: int) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
+    if input.is_floating_point():
+        if input.dim() != token_dim + 1:
+            raise ValueError(f"{fn}: expected float input with {token_dim + 1} dimensions, got shape {tuple(input.shape)}")
+        if input.shape[-1] != w_ih.shape[1]:
+            raise ValueError(f"{fn}: input has input_size {input.shape[-1]} but weight_ih expects {w_ih.shape[1]}")
+        if input.dtype != w_ih.dtype:
+            raise TypeError(f"{fn}: input dtype {input.dtype} does not match weight_ih dtype {w_ih.dtype}")
+    elif input.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if input.dim() != token_dim:
+            raise ValueError(f"{fn}: expected integer token input with {token_dim} dimensions, got shape "
+                             f"{tuple(input.shape)}")
+    else:
+        raise TypeError(f"{fn}: input must be floating point or integer tokens, got {input.dtype}")
+
+
+def rnn(
+    input: Tensor,
+    hx: Tensor | None,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One RNN layer over a whole sequence: returns (output, h_n).
+
+    input: (T, B, input_size) float, or integer tokens (T, B) that stand for one-hot rows of size input_size
+    (a row gather of weight_ih; no one-hot matrix is built); (B, T, ...) with batch_first.
+    hx: (B, H), (1, B, H) or None (zeros). output: (T, B, H) ((B, T, H) with batch_first); h_n: hx's shape,
+    (1, B, H) when hx is None, as nn.RNN with one layer.
+    """
+    fn = "mmops.rnn"
+    act = _nonlinearity_code(nonlinearity, fn)
+    _check_rnn_input(input, weight_ih, fn, 2)
+    if batch_first:
+        input = input.transpose(0, 1)
+    T, B = input.shape[0], input.shape[1]
+    H = weight_hh.shape[0]
+    if input.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        input = input.long()
+    squeeze_h = True
+    if hx is None:
+        h0 = weight_ih.new_zeros((B, H))
+    else:
+        if hx.dim() == 3 and hx.shape[0] == 1:
+            h0, squeeze_h = hx[0], True
+        elif hx.dim() == 2:
+            h0, squeeze_h = hx, False
+        else:
+            raise ValueError(f"{fn}: hx must have shape ({B}, {H}) or (1, {B}, {H}), got {tuple(hx.shape)}")
+        if tuple(h0.shape) != (B, H):
+            raise ValueError(f"{fn}: hx must have shape ({B}, {H}) or (1, {B}, {H}), got {tuple(hx.shape)}")
+    if T == 0:
+        raise ValueError(f"{fn}: the sequence is empty (T = 0)")
+    out = RNNFunction.apply(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, act)
+    h_n = out[-1]
+    if squeeze_h:
+        h_n = h_n.unsqueeze(0)
+    return (out.transpose(0, 1) if batch_first else out), h_n
+
+
+def rnn_cell(
+    input: Tensor,
+    hx: Tensor | None,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+) -> Tensor:
+    """One step, as nn.RNNCell: input (B, input_size) float or tokens (B,); hx (B, H) or None (zeros)."""
+    fn = "mmops.rnn_cell"
+    act = _nonlinearity_code(nonlinearity, fn)
+    _check_rnn_input(input, weight_ih, fn, 1)
+    if not input.is_floating_point() and input.dtype != torch.long:
+        input = input.long()
+    B, H = input.shape[0], weight_hh.shape[0]
+    if hx is None:
+        hx = weight_ih.new_zeros((B, H))
+    elif tuple(hx.shape) != (B, H):
+        raise ValueError(f"{fn}: hx must have shape ({B}, {H}), got {tuple(hx.shape)}")
+    return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, act)

@@ -170,6 +170,65 @@ def mlp_chain_backward(p: dict[str, Tensor], chain: dict, Xb: Tensor, Yb: Tensor
     return d
 
 
+# ---------------------------------------------------------------------------------------------------------
+# RNN: the d2l chapter's rnn() step loop, and backprop through time by hand
+# ---------------------------------------------------------------------------------------------------------
+def rnn_chain(inputs: Tensor, h0: Tensor, W_xh: Tensor, W_hh: Tensor, b_h: Tensor | None,
+              nonlinearity: str = "tanh") -> dict:
+    """d2l's rnn(): for X in inputs: H = act(X @ W_xh + H @ W_hh + b_h), one step at a time.
+
+    inputs: (T, B, I); W_xh: (I, H) and W_hh: (H, H), d2l's orientation (nn.RNN's weight_ih is W_xh.T).
+    Returns hpreacts[t] and hs[t] (lists, one tensor per step; hs[-1] is h0 and hs[t] is step t's output).
+    """
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    H = h0
+    hpreacts, hs = [], []
+    for X in inputs:
+        hpreact = X @ W_xh + H @ W_hh
+        if b_h is not None:
+            hpreact = hpreact + b_h
+        H = act(hpreact)
+        hpreacts.append(hpreact)
+        hs.append(H)
+    for t in hpreacts + hs:
+        if t.requires_grad:
+            t.retain_grad()
+    return dict(inputs=inputs, h0=h0, W_xh=W_xh, W_hh=W_hh, b_h=b_h, hpreacts=hpreacts, hs=hs,
+                outputs=torch.stack(hs), nonlinearity=nonlinearity)
+
+
+def rnn_chain_backward(chain: dict, doutputs: Tensor) -> dict:
+    """Manual BPTT through rnn_chain, given d(loss)/d(h_t) from outside for every step (doutputs: (T, B, H)).
+
+    Walking back from the last step, dh carries the gradient that h_t receives from step t+1:
+      dhpreact_t = (doutputs[t] + dh) * act'(hpreact_t)
+      dW_xh += X_t^T dhpreact_t,  dW_hh += h_{t-1}^T dhpreact_t,  db_h += sum_b dhpreact_t
+      dX_t = dhpreact_t W_xh^T,   dh = dhpreact_t W_hh^T         (becomes dh for step t-1; at t = 0, dh0)
+    """
+    X = chain["inputs"].detach()
+    W_xh, W_hh = chain["W_xh"].detach(), chain["W_hh"].detach()
+    hs = [h.detach() for h in chain["hs"]]
+    h0 = chain["h0"].detach()
+    T = X.shape[0]
+    dW_xh, dW_hh = torch.zeros_like(W_xh), torch.zeros_like(W_hh)
+    db_h = torch.zeros(W_hh.shape[0], dtype=W_hh.dtype)
+    dX = torch.zeros_like(X)
+    dhpreacts = [None] * T
+    dh = torch.zeros_like(h0)
+    for t in reversed(range(T)):
+        g = doutputs[t] + dh
+        deriv = 1.0 - hs[t] ** 2 if chain["nonlinearity"] == "tanh" else (hs[t] > 0).to(g.dtype)
+        dhpreact = g * deriv
+        dhpreacts[t] = dhpreact
+        h_prev = hs[t - 1] if t > 0 else h0
+        dW_xh += X[t].T @ dhpreact
+        dW_hh += h_prev.T @ dhpreact
+        db_h += dhpreact.sum(0)
+        dX[t] = dhpreact @ W_xh.T
+        dh = dhpreact @ W_hh.T
+    return dict(dW_xh=dW_xh, dW_hh=dW_hh, db_h=db_h, dinputs=dX, dh0=dh, dhpreacts=dhpreacts)
+
+
 def _retain(chain: dict) -> None:
     for v in chain.values():
         if isinstance(v, Tensor) and v.requires_grad and not v.is_leaf:
