@@ -14,9 +14,7 @@ def main(argv=None) -> int:
     elif cmd == "bench":
         from .bench import main as run
     else:
-        print("python -m mmops train: not built yet (the models and training loop are the next issue); "
-              "available now: check, bench", file=sys.stderr)
-        return 2
+        from .train import main as run
     return run(rest)
 
 

@@ -140,7 +140,122 @@ def bench_ce(sizes, rounds: int, compile_: bool) -> list[dict]:
     return rows
 
 
-BENCHMARKS = {"ce": (bench_ce, CE_SIZES), "bn": (bench_bn, BN_SIZES)}
+RNN_SIZES = [(35, 32, 28, 256, False), (16, 32, 64, 64, False), (64, 128, 128, 512, False), (35, 32, 28, 256, True)]
+
+
+def _rnn_candidates(T: int, B: int, I: int, H: int, tokens: bool) -> dict[str, Callable[[], None]]:
+    """nn.RNN, a Python loop of nn.RNNCell and mmops.nn.RNN with the same weights, loss = output.sum().
+    With tokens=True the input is (T, B) token ids: PyTorch gets one-hot floats (F.one_hot(...).float(),
+    built inside the timed step, as the d2l chapter does), mmops the ids."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.RNN(I, H)
+    cell = torch.nn.RNNCell(I, H)
+    ours = mmops.nn.RNN(I, H)
+    cell.load_state_dict({k[:-3]: v for k, v in ref.state_dict().items()})
+    ours.load_state_dict(ref.state_dict())
+    if tokens:
+        tok = torch.randint(0, I, (T, B), generator=g)
+        x_torch = lambda: F.one_hot(tok, I).float()  # noqa: E731
+        x_ours = lambda: tok  # noqa: E731
+    else:
+        x = torch.randn(T, B, I, generator=g)
+        x_torch = x_ours = lambda: x  # noqa: E731
+
+    def step(module, fn):
+        def run():
+            for p in module.parameters():
+                p.grad = None
+            fn().sum().backward()
+
+        return run
+
+    def cell_loop():
+        xs, h, outs = x_torch(), torch.zeros(B, H), []
+        for t in range(T):
+            h = cell(xs[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+    name = "nn.RNN(one_hot floats)" if tokens else "nn.RNN"
+    return {
+        name: step(ref, lambda: ref(x_torch())[0]),
+        "loop of nn.RNNCell": step(cell, cell_loop),
+        "mmops.nn.RNN" + (" (token ids)" if tokens else ""): step(ours, lambda: ours(x_ours())[0]),
+    }
+
+
+def bench_rnn(sizes, rounds: int, compile_: bool) -> list[dict]:
+    rows = []
+    for T, B, I, H, tokens in sizes:
+        res = interleaved(_rnn_candidates(T, B, I, H, tokens), rounds)
+        base_name = next(iter(res))
+        base = res[base_name]["median_s"]
+        size = f"(T{T}, B{B}, {'vocab' if tokens else 'I'}{I}, H{H})"
+        for name, r in res.items():
+            rows.append({"op": "rnn", "size": size, "candidate": name, **r, "baseline": base_name,
+                         "speedup_vs_torch": base / r["median_s"]})
+    return rows
+
+
+SHARED_NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                            "names.txt")
+
+
+def _train_candidates(steps_per_call: int) -> dict[str, Callable[[], None]]:
+    """Training steps of the makemore MLP (batch 32, lr 0.1): a plain PyTorch loop (nn.Embedding, nn.Linear,
+    nn.BatchNorm1d, nn.Tanh, F.cross_entropy, SGD(foreach=True)), the mmops model through autograd with the same
+    optimiser, and `python -m mmops train`'s step (MLP.train_step: the hand-written backward on the fused
+    kernels). Each call runs steps_per_call steps, minibatches drawn with torch.randint, no host sync."""
+    from . import data as D
+    from . import models as M
+
+    words = D.load_words(SHARED_NAMES if os.path.isfile(SHARED_NAMES) else None)
+    splits = D.make_splits(words, 3)
+    Xtr, Ytr = splits.train
+    V = len(splits.vocab)
+    g = torch.Generator().manual_seed(0)
+    ours = M.MLP(V)
+    plain = M.TorchMLP(V)
+    plain.load_state_dict(ours.state_dict())
+    auto = M.MLP(V)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, foreach=True)
+    opt_auto = torch.optim.SGD(auto.parameters(), lr=0.1, foreach=True)
+
+    def autograd_loop(model, opt):
+        def run():
+            for _ in range(steps_per_call):
+                ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
+                loss = model(Xtr[ix], Ytr[ix])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        return run
+
+    def fused_loop():
+        for _ in range(steps_per_call):
+            ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
+            ours.train_step(Xtr[ix], Ytr[ix], 0.1)
+
+    return {"plain PyTorch loop": autograd_loop(plain, opt_plain), "mmops MLP + autograd": autograd_loop(auto, opt_auto),
+            "mmops train step (python -m mmops train)": fused_loop}
+
+
+def bench_train(sizes, rounds: int, compile_: bool) -> list[dict]:
+    rows = []
+    for steps in sizes:
+        res = interleaved(_train_candidates(steps), rounds, target_s=0.0)
+        base = res["plain PyTorch loop"]["median_s"]
+        for name, r in res.items():
+            rows.append({"op": "train", "size": f"MLP, batch 32 ({steps} steps a call)", "candidate": name, **r,
+                         "steps_per_s": steps / r["median_s"], "speedup_vs_torch": base / r["median_s"]})
+    for r in rows:
+        print(f"{r['candidate']}: {r['steps_per_s']:.0f} steps/s")
+    return rows
+
+
+BENCHMARKS = {"ce": (bench_ce, CE_SIZES), "bn": (bench_bn, BN_SIZES), "rnn": (bench_rnn, RNN_SIZES),
+              "train": (bench_train, [500])}
 
 
 def _machine() -> dict:

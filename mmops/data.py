@@ -1,0 +1,143 @@
+"""Corpora (one word per line) and the makemore datasets built from them.
+
+The embedded default corpus is the US census first-name lists (1990) shipped by the `names` package on PyPI
+(`pip install names`): 5,163 distinct first names, plain ASCII, a fixed file inside a package that installs
+from the registry, so nothing is downloaded at run time and every install trains on the same words.
+`--data FILE` takes any one-word-per-line file instead, e.g. makemore's names.txt.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CorpusError", "default_words", "load_words", "Vocab", "build_dataset", "Splits", "make_splits",
+           "build_sequences"]
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used: missing, empty, not text, or a word outside the vocabulary."""
+
+
+def default_words() -> list[str]:
+    """The embedded corpus: female then male first names of the 1990 US census (package `names`), lower-case,
+    each name once, in the lists' order (most frequent first)."""
+    try:
+        import names
+    except ImportError as e:  # a dependency of mmops: only a broken install gets here
+        raise CorpusError("the default corpus needs the `names` package (pip install names), or pass --data FILE") from e
+    words: dict[str, None] = {}
+    for key in ("first:female", "first:male"):
+        with open(names.FILES[key], encoding="ascii") as f:
+            for line in f:
+                if line.strip():
+                    words.setdefault(line.split()[0].lower(), None)
+    return list(words)
+
+
+def load_words(path: str | None = None) -> list[str]:
+    """Words of a corpus file (one per line, blank lines skipped, surrounding whitespace stripped), or the
+    embedded default when path is None."""
+    if path is None:
+        return default_words()
+    if not os.path.isfile(path):
+        raise CorpusError(f"corpus file {path!r} does not exist (or is not a file)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw:
+        raise CorpusError(f"corpus file {path!r} is not text (it contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    words = [w.strip() for w in text.splitlines() if w.strip()]
+    if not words:
+        raise CorpusError(f"corpus file {path!r} has no words (it is empty or only blank lines)")
+    bad = next((w for w in words if "." in w), None)
+    if bad is not None:
+        raise CorpusError(f"corpus file {path!r}: the word {bad!r} contains '.', which marks a word's end")
+    return words
+
+
+@dataclass
+class Vocab:
+    """Sorted characters of the corpus with '.' = 0 (start and end of a word), as in the notebooks."""
+
+    itos: list[str]
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> "Vocab":
+        return cls(["."] + sorted(set("".join(words))))
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, word: str) -> list[int]:
+        stoi = self.stoi
+        missing = sorted({ch for ch in word if ch not in stoi})
+        if missing:
+            raise CorpusError(f"characters {missing} of {word!r} are not in the vocabulary {''.join(self.itos)!r}")
+        return [stoi[ch] for ch in word]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+
+def build_dataset(words: list[str], block_size: int, vocab: Vocab) -> tuple[Tensor, Tensor]:
+    """The notebook's context windows: for every character of word + '.', the block_size previous ids."""
+    X, Y = [], []
+    stoi = vocab.stoi
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = stoi[ch]
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(X, dtype=torch.long).view(-1, block_size), torch.tensor(Y, dtype=torch.long)
+
+
+def build_sequences(words: list[str], vocab: Vocab, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The RNN's data: per word, input '.' + word and target word + '.', right-padded to the longest word
+    (inputs with '.', targets with ignore_index so that padding adds nothing to the loss). (N, L) each."""
+    L = max(len(w) for w in words) + 1
+    X = torch.zeros(len(words), L, dtype=torch.long)
+    Y = torch.full((len(words), L), ignore_index, dtype=torch.long)
+    for i, w in enumerate(words):
+        ids = vocab.encode(w)
+        X[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        Y[i, : len(ids) + 1] = torch.tensor(ids + [0], dtype=torch.long)
+    return X, Y
+
+
+@dataclass
+class Splits:
+    vocab: Vocab
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    words: tuple[list[str], list[str], list[str]]
+
+
+def make_splits(words: list[str], block_size: int = 3, seed: int = 42, sequences: bool = False) -> Splits:
+    """The notebooks' split: random.seed(seed); random.shuffle(words); 80% / 10% / 10%. The shuffle uses a
+    private random.Random(seed), which draws exactly what random.seed(seed) + random.shuffle draws."""
+    if len(words) < 3:
+        raise CorpusError(f"a corpus needs at least 3 words to split into train/val/test, got {len(words)}")
+    vocab = Vocab.from_words(words)
+    words = list(words)
+    random.Random(seed).shuffle(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    parts = (words[:n1], words[n1:n2], words[n2:])
+    if sequences:
+        data = [build_sequences(p, vocab) for p in parts]
+    else:
+        data = [build_dataset(p, block_size, vocab) for p in parts]
+    return Splits(vocab, data[0], data[1], data[2], parts)

@@ -1,0 +1,239 @@
+"""The makemore models on mmops ops, and their plain-PyTorch twins (same parameter names and weights).
+
+- MLP:      the BatchNorm notebook's MLP: embedding, Linear (no bias), BatchNorm1d with fused tanh, Linear,
+            mmops cross-entropy. `train_step` is its training step with the backward written out by hand on the
+            fused kernels (the backprop exercise as the training loop: no autograd graph, one SGD foreach).
+- DeepMLP:  the activations-and-gradients notebook's stack: n_layers x (Linear, BatchNorm1d, Tanh), then
+            Linear + BatchNorm1d, with the gain options.
+- CharRNN:  a character RNN on mmops.nn.RNN fed token ids, a learned start state, mmops cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as MF
+from . import nn as mnn
+from ._ops import ops
+from .data import Vocab
+
+__all__ = ["MLP", "DeepMLP", "CharRNN", "TorchMLP", "build_model", "sample"]
+
+
+def _init_linear(lin: nn.Linear, gain: float, g: torch.Generator | None) -> None:
+    """The notebooks' init: randn / sqrt(fan_in), times the gain (5/3 ahead of a tanh)."""
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * gain / math.sqrt(lin.in_features))
+        if lin.bias is not None:
+            lin.bias.zero_()
+
+
+class MLP(nn.Module):
+    def __init__(self, vocab_size: int = 27, block_size: int = 3, n_embd: int = 10, n_hidden: int = 200, *,
+                 bessel: bool = False, seed: int | None = 2147483647):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.config = dict(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden, bessel=bessel)
+        self.block_size = block_size
+        self.emb = nn.Embedding(vocab_size, n_embd)
+        self.fc1 = nn.Linear(n_embd * block_size, n_hidden, bias=False)  # BatchNorm's beta is the bias
+        self.bn = mnn.BatchNorm1d(n_hidden, bessel=bessel, activation="tanh")
+        self.fc2 = nn.Linear(n_hidden, vocab_size)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(self.emb.weight.shape, generator=g))
+        _init_linear(self.fc1, 5 / 3, g)
+        _init_linear(self.fc2, 0.1, g)  # a less confident start: the first loss is ~log(vocab_size)
+
+    def logits(self, X: Tensor) -> Tensor:
+        x = self.emb(X).view(X.shape[0], -1)
+        return self.fc2(self.bn(self.fc1(x)))
+
+    def forward(self, X: Tensor, Y: Tensor | None = None):
+        logits = self.logits(X)
+        return logits if Y is None else MF.cross_entropy(logits, Y)
+
+    def tanh_layers(self) -> list[nn.Module]:
+        return [self.bn]
+
+    @torch.no_grad()
+    def train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
+        """One SGD step with the backward written out on the fused kernels; returns (loss, grads in
+        parameters() order). Equal to loss.backward() + SGD (tests/test_models.py checks it), without an
+        autograd graph: this is the fast path of `python -m mmops train`."""
+        bn = self.bn
+        if not self.training:
+            raise RuntimeError("MLP.train_step: the model is in eval mode; call model.train() first")
+        E, W1, W2, b2 = self.emb.weight, self.fc1.weight, self.fc2.weight, self.fc2.bias
+        n = X.shape[0]
+        momentum = bn.momentum
+        if bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        # forward: embcat -> hprebn -> h = tanh(BN(hprebn)) -> logits -> loss (+ dlogits, in the same pass)
+        embcat = E.index_select(0, X.view(-1)).view(n, -1)
+        hprebn = embcat.mm(W1.t())
+        h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                                 momentum or 0.0, bn.eps, bn.bessel, 1)
+        logits = torch.addmm(b2, h, W2.t())
+        loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
+        # backward
+        dW2 = dlogits.t().mm(h)
+        db2 = dlogits.sum(0)
+        dh = dlogits.mm(W2)
+        dhprebn, dgamma, dbeta = ops.batch_norm_backward(dh, h, hprebn, bn.weight, mean, invstd, True, bn.bessel, 1,
+                                                         [True, True, True])
+        dW1 = dhprebn.t().mm(embcat)
+        dembcat = dhprebn.mm(W1)
+        dE = torch.zeros_like(E).index_add_(0, X.view(-1), dembcat.view(-1, E.shape[1]))
+        grads = [dE, dW1, dgamma, dbeta, dW2, db2]  # parameters() order: emb, fc1, bn, fc2
+        torch._foreach_add_([E, W1, bn.weight, bn.bias, W2, b2], grads, alpha=-lr)
+        return loss, grads
+
+
+class TorchMLP(nn.Module):
+    """MLP on plain PyTorch (nn.Embedding, nn.Linear, nn.BatchNorm1d, nn.Tanh, F.cross_entropy): the baseline
+    of `bench --op train` and the twin the tests compare with. Same state_dict keys as MLP."""
+
+    def __init__(self, vocab_size=27, block_size=3, n_embd=10, n_hidden=200):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, n_embd)
+        self.fc1 = nn.Linear(n_embd * block_size, n_hidden, bias=False)
+        self.bn = nn.BatchNorm1d(n_hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(n_hidden, vocab_size)
+
+    def forward(self, X, Y=None):
+        logits = self.fc2(self.act(self.bn(self.fc1(self.emb(X).view(X.shape[0], -1)))))
+        return logits if Y is None else F.cross_entropy(logits, Y)
+
+
+class DeepMLP(nn.Module):
+    """n_layers x (Linear(n_hidden), BatchNorm1d with fused tanh) then Linear(vocab) + BatchNorm1d(vocab).
+
+    batchnorm=False gives Linear(+bias) + Tanh layers (the notebook's experiment without BatchNorm);
+    gain multiplies the init of every hidden Linear (5/3 is tanh's); the last layer starts scaled by 0.1
+    (its BatchNorm's gamma, or without BatchNorm its weight)."""
+
+    def __init__(self, vocab_size: int = 27, block_size: int = 3, n_embd: int = 10, n_hidden: int = 100,
+                 n_layers: int = 5, *, batchnorm: bool = True, gain: float = 5 / 3, seed: int | None = 2147483647):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.config = dict(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden,
+                           n_layers=n_layers, batchnorm=batchnorm, gain=gain)
+        self.block_size = block_size
+        self.emb = nn.Embedding(vocab_size, n_embd)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(self.emb.weight.shape, generator=g))
+        layers: list[nn.Module] = []
+        fan_in = n_embd * block_size
+        for _ in range(n_layers):
+            lin = nn.Linear(fan_in, n_hidden, bias=not batchnorm)
+            _init_linear(lin, gain, g)
+            layers += [lin, mnn.BatchNorm1d(n_hidden, activation="tanh") if batchnorm else nn.Tanh()]
+            fan_in = n_hidden
+        last = nn.Linear(fan_in, vocab_size, bias=not batchnorm)
+        _init_linear(last, 1.0, g)
+        layers.append(last)
+        if batchnorm:
+            layers.append(mnn.BatchNorm1d(vocab_size))
+            with torch.no_grad():
+                layers[-1].weight.mul_(0.1)
+        else:
+            with torch.no_grad():
+                last.weight.mul_(0.1)
+        self.layers = nn.ModuleList(layers)
+
+    def logits(self, X: Tensor) -> Tensor:
+        x = self.emb(X).view(X.shape[0], -1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def forward(self, X: Tensor, Y: Tensor | None = None):
+        logits = self.logits(X)
+        return logits if Y is None else MF.cross_entropy(logits, Y)
+
+    def tanh_layers(self) -> list[nn.Module]:
+        """The modules whose output is a tanh: the fused BatchNorm+tanh ones, or the Tanh layers."""
+        return [m for m in self.layers if isinstance(m, nn.Tanh) or getattr(m, "activation", None) == "tanh"]
+
+
+class CharRNN(nn.Module):
+    """Token ids (B, L) -> mmops.nn.RNN (token input: a row gather, no one-hot) -> Linear -> logits (B, L, V);
+    a learned start state h0, and the loss over non-padding targets (ignore_index -100)."""
+
+    def __init__(self, vocab_size: int = 27, hidden_size: int = 256, num_layers: int = 1,
+                 nonlinearity: str = "tanh", *, seed: int | None = 2147483647):
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)  # nn.RNN's own init draws from the global generator
+        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                           nonlinearity=nonlinearity)
+        self.rnn = mnn.RNN(vocab_size, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True)
+        self.h0 = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def run(self, X: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if h is None:
+            h = self.h0.expand(-1, X.shape[0], -1)
+        out, h_n = self.rnn(X, h)
+        return self.head(out), h_n
+
+    def forward(self, X: Tensor, Y: Tensor | None = None):
+        logits, _ = self.run(X)
+        return logits if Y is None else MF.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+
+    def tanh_layers(self) -> list[nn.Module]:
+        return []
+
+
+MODELS = {"mlp": MLP, "deep": DeepMLP, "rnn": CharRNN}
+
+
+def build_model(name: str, vocab_size: int, block_size: int = 3, seed: int | None = 2147483647, **kw) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name == "rnn":
+        return CharRNN(vocab_size, seed=seed, **kw)
+    return MODELS[name](vocab_size, block_size, seed=seed, **kw)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, vocab: Vocab, n: int = 10, *, seed: int = 2147483657, prefix: str = "",
+           max_len: int = 64) -> list[str]:
+    """n words drawn from the model with a seeded generator (eval mode: BatchNorm uses its running stats).
+    Every word starts with `prefix` (its characters must be in the vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix_ids = vocab.encode(prefix)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for _ in range(n):
+            ids = list(prefix_ids)
+            if isinstance(model, CharRNN):
+                logits, h = model.run(torch.tensor([[0] + ids]))
+                while len(ids) < max_len:
+                    ix = int(torch.multinomial(F.softmax(logits[0, -1], -1), 1, generator=g))
+                    if ix == 0:
+                        break
+                    ids.append(ix)
+                    logits, h = model.run(torch.tensor([[ix]]), h)
+            else:
+                bs = model.block_size
+                context = ([0] * bs + ids)[-bs:]
+                while len(ids) < max_len:
+                    logits = model.logits(torch.tensor([context]))
+                    ix = int(torch.multinomial(F.softmax(logits[0], -1), 1, generator=g))
+                    if ix == 0:
+                        break
+                    ids.append(ix)
+                    context = context[1:] + [ix]
+            out.append(vocab.decode(ids))
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,145 @@
+"""The makemore models on mmops ops against the same models on PyTorch ops; the MLP's hand-written step."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmops import data as D
+from mmops import models as M
+
+
+def _batch(V=27, n=64, block=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (n, block), generator=g), torch.randint(0, V, (n,), generator=g)
+
+
+def _twin_forward_backward(ours, twin, X, Y, dtype=torch.float64):
+    ours, twin = ours.to(dtype), twin.to(dtype)
+    l1, l2 = ours(X, Y), twin(X, Y)
+    l1.backward()
+    l2.backward()
+    return l1, l2
+
+
+def test_mlp_matches_plain_pytorch_model():
+    ours = M.MLP(27)
+    twin = M.TorchMLP(27)
+    twin.load_state_dict(ours.state_dict())
+    X, Y = _batch()
+    l1, l2 = _twin_forward_backward(ours, twin, X, Y)
+    torch.testing.assert_close(l1, l2)
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), twin.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.bn.running_var, twin.bn.running_var)
+    ours.eval(), twin.eval()
+    torch.testing.assert_close(ours(X), twin(X))
+
+
+def test_mlp_init_is_the_notebooks():
+    m = M.MLP(27, n_embd=10, n_hidden=200)
+    assert m.fc1.bias is None and m.bn.activation == "tanh"
+    assert abs(m.fc1.weight.std().item() - (5 / 3) / 30**0.5) < 0.03
+    assert abs(m.fc2.weight.std().item() - 0.1 / 200**0.5) < 0.002
+    X, Y = _batch()
+    assert abs(m(X, Y).item() - torch.log(torch.tensor(27.0)).item()) < 0.15  # a calm start: ~ -log(1/27)
+
+
+@pytest.mark.parametrize("bessel", [False, True])
+def test_mlp_train_step_equals_autograd_plus_sgd(bessel):
+    a = M.MLP(27, bessel=bessel).double()
+    b = copy.deepcopy(a)
+    for seed in range(3):
+        X, Y = _batch(seed=seed)
+        loss_a, grads = a.train_step(X, Y, 0.1)
+        loss_b = b(X, Y)
+        for p in b.parameters():
+            p.grad = None
+        loss_b.backward()
+        for g, p in zip(grads, b.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            for p in b.parameters():
+                p -= 0.1 * p.grad
+        torch.testing.assert_close(loss_a, loss_b.detach())
+    for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v1, v2, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def _torch_deep_twin(m: M.DeepMLP):
+    """The same stack on nn.BatchNorm1d + nn.Tanh (BatchNorm's fused tanh split back out), same weights."""
+    layers = []
+    for layer in m.layers:
+        if isinstance(layer, torch.nn.Linear):
+            layers.append(copy.deepcopy(layer))
+        elif isinstance(layer, torch.nn.Tanh):
+            layers.append(torch.nn.Tanh())
+        else:
+            bn = torch.nn.BatchNorm1d(layer.num_features).to(layer.weight.dtype)
+            bn.load_state_dict(layer.state_dict())
+            layers.append(bn)
+            if layer.activation == "tanh":
+                layers.append(torch.nn.Tanh())
+    emb = copy.deepcopy(m.emb)
+    seq = torch.nn.Sequential(*layers)
+
+    def fwd(X, Y):
+        return F.cross_entropy(seq(emb(X).view(X.shape[0], -1)), Y)
+
+    return fwd, [*emb.parameters(), *seq.parameters()]
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+@pytest.mark.parametrize("gain", [5 / 3, 1.0])
+def test_deep_matches_plain_pytorch_stack(batchnorm, gain):
+    m = M.DeepMLP(27, batchnorm=batchnorm, gain=gain).double()
+    fwd, params = _torch_deep_twin(m)
+    X, Y = _batch()
+    l1 = m(X, Y)
+    l1.backward()
+    l2 = fwd(X, Y)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    for p1, p2 in zip(m.parameters(), params):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-8, atol=1e-11)
+    assert len(m.tanh_layers()) == 5
+
+
+def test_char_rnn_matches_nn_rnn_on_one_hot():
+    words = ["emma", "olivia", "ava", "isabella", "sophia"]
+    v = D.Vocab.from_words(words)
+    X, Y = D.build_sequences(words, v)
+    m = M.CharRNN(len(v), hidden_size=16).double()
+    with torch.no_grad():
+        m.h0.normal_()
+    ref = torch.nn.RNN(len(v), 16, batch_first=True).double()
+    ref.load_state_dict(m.rnn.state_dict())
+    head = copy.deepcopy(m.head)
+    h0 = m.h0.detach().clone().requires_grad_()
+    l1 = m(X, Y)
+    l1.backward()
+    out, _ = ref(F.one_hot(X, len(v)).double(), h0.expand(-1, X.shape[0], -1).contiguous())
+    l2 = F.cross_entropy(head(out).reshape(-1, len(v)), Y.reshape(-1), ignore_index=-100)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(m.h0.grad, h0.grad)
+    torch.testing.assert_close(m.rnn.weight_ih_l0.grad, ref.weight_ih_l0.grad)
+    torch.testing.assert_close(m.head.weight.grad, head.weight.grad)
+
+
+@pytest.mark.parametrize("name", ["mlp", "deep", "rnn"])
+def test_sampling_is_seeded_and_uses_the_prefix(name):
+    v = D.Vocab.from_words(["abc", "cab"])
+    m = M.build_model(name, len(v), hidden_size=8) if name == "rnn" else M.build_model(name, len(v))
+    a = M.sample(m, v, 5, seed=3, prefix="ca")
+    b = M.sample(m, v, 5, seed=3, prefix="ca")
+    assert a == b and len(a) == 5 and all(w.startswith("ca") for w in a)
+    with pytest.raises(D.CorpusError, match="not in the vocabulary"):
+        M.sample(m, v, 1, prefix="z")
+    assert m.training  # restored
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model"):
+        M.build_model("gpt", 27)
