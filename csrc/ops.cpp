@@ -34,6 +34,13 @@ TORCH_LIBRARY(mmops, m) {
   m.def("batch_norm_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor mean, "
         "Tensor invstd, bool training, bool bessel, int activation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+  // SyncBatchNorm's pieces: local (mean, M2) in float64; local backward sums (sum dy', sum dy' (x - mean)) in
+  // float64; and grad_input from the all-reduced sums and the global count.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor output, Tensor input, Tensor mean, int activation) "
+        "-> (Tensor, Tensor)");
+  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor mean, "
+        "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count, bool bessel, int activation) -> Tensor");
 
   // ---- RNN (nonlinearity: 0 tanh, 1 relu) ---------------------------------------------------------------
   // The whole sequence: input (T, B, input_size) floats or (T, B) integer tokens (one-hot rows), hx (B, H);

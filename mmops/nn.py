@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from . import functional as MF
 
-__all__ = ["CrossEntropyLoss", "BatchNorm1d", "RNN"]
+__all__ = ["CrossEntropyLoss", "BatchNorm1d", "SyncBatchNorm", "RNN"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -63,6 +63,57 @@ class BatchNorm1d(_NormBase):
         return MF.batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
                              self.weight, self.bias, use_batch_stats, factor, self.eps, bessel=self.bessel,
                              activation=self.activation)
+
+
+class SyncBatchNorm(BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batches of every rank of a torch.distributed process
+    group (gloo on CPU, nccl on GPU), on the fused kernels: one all_gather of (count, mean, M2) forward, one
+    all_reduce of the two backward sums. Ranks may hold unequal batches. Outside an initialised process group,
+    with world size 1, or in eval mode it is exactly mmops.nn.BatchNorm1d (no communication)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bessel: bool = False, activation: str | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bessel=bessel, activation=activation)
+        self.process_group = process_group
+
+    def _world(self) -> int:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self._world() == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        if input.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"mmops.nn.SyncBatchNorm: input must be float32 or float64, got {input.dtype}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        rm, rv = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return MF.SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, factor, self.eps, self.bessel,
+                                              MF.ACTIVATIONS[self.activation], self.process_group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every mmops.nn.BatchNorm1d and torch.nn.BatchNorm1d in module by a SyncBatchNorm with the
+        same parameters, buffers and options (bessel/activation carried over from mmops layers)."""
+        out = module
+        if isinstance(module, (BatchNorm1d, nn.BatchNorm1d)) and not isinstance(module, SyncBatchNorm):
+            p = next((t for t in (module.weight, module.running_mean) if t is not None), None)
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group, device=None if p is None else p.device, dtype=None if p is None else p.dtype,
+                      bessel=getattr(module, "bessel", False), activation=getattr(module, "activation", None))
+            out.load_state_dict(module.state_dict())
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
 
 
 class RNN(nn.Module):

@@ -342,6 +342,28 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   return {h, mean, invstd};
 }
 
+// dx = A dy' + B x + D per channel, from the sums over all n values of the channel (n, Sdy = sum dy',
+// Sdyx = sum dy' (x - mean)); see the math at the top of this file.
+template <typename T>
+void dx_coefficients(int64_t C, int64_t n, const T* wp, const T* mp, const T* ip, const double* Sdy, const double* Sdyx,
+                     bool training, bool bessel, T* A, T* B, T* D) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double inv = ip[c];
+    const double dbeta_c = Sdy[c], dgamma_c = Sdyx[c] * inv;
+    const double a = (wp ? static_cast<double>(wp[c]) : 1.0) * inv;  // gamma * invstd
+    if (training) {
+      const double k = bessel ? static_cast<double>(n) / (n - 1) : 1.0;
+      const double b = -a * k * dgamma_c * inv / n;  // coefficient of x: -gamma invstd k dgamma / n * invstd
+      A[c] = static_cast<T>(a);
+      B[c] = static_cast<T>(b);
+      D[c] = static_cast<T>(-a * dbeta_c / n - b * static_cast<double>(mp[c]));
+    } else {
+      A[c] = static_cast<T>(a);
+      B[c] = D[c] = T(0);
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& output,
                                                        const Tensor& input, const std::optional<Tensor>& weight,
                                                        const Tensor& mean, const Tensor& invstd, bool training,
@@ -367,24 +389,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) {
       bn_bsums(activation, dhp, hp, xp, s, mp, n0, n1, a, b);
     }, Sdy, Sdyx);
-    std::vector<T> A(s.C), B(s.C), D(s.C);
-    for (int64_t c = 0; c < s.C; ++c) {
-      const double inv = ip[c];
-      const double dbeta_c = Sdy[c], dgamma_c = Sdyx[c] * inv;  // sum dy', sum dy' * xhat
-      if (output_mask[1]) dgamma.mutable_data_ptr<T>()[c] = static_cast<T>(dgamma_c);
-      if (output_mask[2]) dbeta.mutable_data_ptr<T>()[c] = static_cast<T>(dbeta_c);
-      const double a = (wp ? static_cast<double>(wp[c]) : 1.0) * inv;  // gamma * invstd
-      if (training) {
-        const double k = bessel ? static_cast<double>(n) / (n - 1) : 1.0;
-        const double b = -a * k * dgamma_c * inv / n;  // coefficient of x: -gamma invstd k dgamma / n * invstd
-        A[c] = static_cast<T>(a);
-        B[c] = static_cast<T>(b);
-        D[c] = static_cast<T>(-a * dbeta_c / n - b * static_cast<double>(mp[c]));
-      } else {
-        A[c] = static_cast<T>(a);
-        B[c] = D[c] = T(0);
+    if (output_mask[1] || output_mask[2])
+      for (int64_t c = 0; c < s.C; ++c) {
+        if (output_mask[1]) dgamma.mutable_data_ptr<T>()[c] = static_cast<T>(Sdyx[c] * ip[c]);  // sum dy' * xhat
+        if (output_mask[2]) dbeta.mutable_data_ptr<T>()[c] = static_cast<T>(Sdy[c]);            // sum dy'
       }
-    }
+    std::vector<T> A(s.C), B(s.C), D(s.C);
+    dx_coefficients(s.C, n, wp, mp, ip, Sdy.data(), Sdyx.data(), training, bessel, A.data(), B.data(), D.data());
     if (output_mask[0]) {
       T* dxp = dx.mutable_data_ptr<T>();
       const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(s.C * s.L, 1));
@@ -396,11 +407,99 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   return {dx, dgamma, dbeta};
 }
 
+// ---- the pieces of SyncBatchNorm (mmops.nn.SyncBatchNorm): statistics and backward sums of the local shard,
+// all-reduced in Python between the calls, then the elementwise passes with the global numbers. ------------
+
+// Local mean and M2 = sum (x - mean)^2 per channel, in float64 (combined across ranks by Chan's formula).
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, "mmops.batch_norm_stats: expected input of shape (N, C) "
+                    "or (N, C, L), got ", input.sizes());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "mmops.batch_norm_stats: input must be float32 or float64, got ", input.scalar_type());
+  const Shape s = shape_of(input);
+  const int64_t n = s.N * s.L;
+  const Tensor x = input.contiguous();
+  Tensor mean = at::zeros({s.C}, x.options().dtype(at::kDouble));
+  Tensor m2 = at::zeros({s.C}, x.options().dtype(at::kDouble));
+  if (n == 0) return {mean, m2};  // an empty shard: count 0 adds nothing when combined
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_stats", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    std::vector<T> K(s.C);
+    for (int64_t c = 0; c < s.C; ++c) K[c] = xp[c * s.L];
+    std::vector<double> S1, S2;
+    reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats(xp, s, K.data(), n0, n1, a, b); },
+                S1, S2);
+    double* mp = mean.mutable_data_ptr<double>();
+    double* qp = m2.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < s.C; ++c) {
+      const double d1 = S1[c] / n;
+      mp[c] = static_cast<double>(K[c]) + d1;
+      qp[c] = std::max(0.0, S2[c] - S1[c] * d1);
+    }
+  });
+  return {mean, m2};
+}
+
+// Local sums of the backward, in float64: (sum dy', sum dy' * (x - mean)), dy' = dh * act'(h).
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& output, const Tensor& input,
+                                                      const Tensor& mean, int64_t activation) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes() && output.sizes() == input.sizes(),
+                    "mmops.batch_norm_backward_reduce: grad_output and output must have the input's shape");
+  const Shape s = shape_of(input);
+  const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous(), m = mean.contiguous();
+  Tensor sdy = at::empty({s.C}, x.options().dtype(at::kDouble));
+  Tensor sdyx = at::empty({s.C}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward_reduce", [&] {
+    using T = scalar_t;
+    std::vector<double> Sdy, Sdyx;
+    reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) {
+      bn_bsums(activation, dh.const_data_ptr<T>(), h.const_data_ptr<T>(), x.const_data_ptr<T>(), s,
+               m.const_data_ptr<T>(), n0, n1, a, b);
+    }, Sdy, Sdyx);
+    std::copy(Sdy.begin(), Sdy.end(), sdy.mutable_data_ptr<double>());
+    std::copy(Sdyx.begin(), Sdyx.end(), sdyx.mutable_data_ptr<double>());
+  });
+  return {sdy, sdyx};
+}
+
+// dx from the global sums and the global count (the elementwise pass of batch_norm_backward).
+Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& output, const Tensor& input,
+                                 const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                                 const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count, bool bessel,
+                                 int64_t activation) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes() && output.sizes() == input.sizes(),
+                    "mmops.batch_norm_backward_elemt: grad_output and output must have the input's shape");
+  TORCH_CHECK_VALUE(count > (bessel ? 1 : 0), "mmops.batch_norm_backward_elemt: count must be > ", bessel ? 1 : 0,
+                    ", got ", count);
+  const Shape s = shape_of(input);
+  const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
+  const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdyx = sum_dy_xmu.to(at::kDouble).contiguous();
+  Tensor dx = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward_elemt", [&] {
+    using T = scalar_t;
+    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
+    std::vector<T> A(s.C), B(s.C), D(s.C);
+    dx_coefficients(s.C, count, wp, mean.const_data_ptr<T>(), invstd.const_data_ptr<T>(), sdy.const_data_ptr<double>(),
+                    sdyx.const_data_ptr<double>(), true, bessel, A.data(), B.data(), D.data());
+    const T *xp = x.const_data_ptr<T>(), *dhp = dh.const_data_ptr<T>(), *hp = h.const_data_ptr<T>();
+    T* dxp = dx.mutable_data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(s.C * s.L, 1));
+    at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
+      bn_dx(activation, dhp, hp, xp, dxp, s, A.data(), B.data(), D.data(), n0, n1);
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmops, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward);
   m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
 
 }  // namespace mmops
