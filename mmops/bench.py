@@ -254,8 +254,63 @@ def bench_train(sizes, rounds: int, compile_: bool) -> list[dict]:
     return rows
 
 
+def _syncbn_worker(rank, world, init_file, out_file, N, C, steps):
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    from . import functional as MF
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        bn = mmops.nn.SyncBatchNorm(C, activation="tanh")
+        x = torch.randn(N // world, C, requires_grad=True)
+        go = torch.randn(N // world, C)
+        for _ in range(5):
+            bn(x).backward(go)
+        dist.barrier()
+        MF.COMM_SECONDS[0] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x.grad = None
+            bn(x).backward(go)
+        total = time.perf_counter() - t0
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump({"step_s": total / steps, "comm_s": MF.COMM_SECONDS[0] / steps}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+SYNCBN_SIZES = [(2, 4096, 200), (4, 4096, 200), (2, 32768, 200), (4, 32768, 200)]
+
+
+def bench_syncbn(sizes, rounds: int, compile_: bool) -> list[dict]:
+    """Forward+backward of mmops.nn.SyncBatchNorm(activation=tanh) over a global batch (N, C) split across
+    `world` gloo processes (1 thread each) on this machine; the share of the step spent in the collectives."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for world, N, C in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "r.json")
+            mp.spawn(_syncbn_worker, args=(world, os.path.join(d, "rdv"), out, N, C, 20 * rounds), nprocs=world)
+            with open(out) as f:
+                r = json.load(f)
+        share = r["comm_s"] / r["step_s"]
+        rows.append({"op": "syncbn", "size": f"({N}, {C}) on {world} processes", "candidate": "mmops.nn.SyncBatchNorm",
+                     "median_s": r["step_s"], "comm_s": r["comm_s"], "comm_share": share, "speedup_vs_torch": float("nan"),
+                     "world": world})
+        print(f"world {world}, global batch ({N}, {C}): step {r['step_s'] * 1e6:.0f} us, in collectives "
+              f"{r['comm_s'] * 1e6:.0f} us = {share * 100:.0f}% of the step")
+    return rows
+
+
 BENCHMARKS = {"ce": (bench_ce, CE_SIZES), "bn": (bench_bn, BN_SIZES), "rnn": (bench_rnn, RNN_SIZES),
-              "train": (bench_train, [500])}
+              "train": (bench_train, [500]), "syncbn": (bench_syncbn, SYNCBN_SIZES)}
 
 
 def _machine() -> dict:
@@ -272,7 +327,8 @@ def print_table(rows: list[dict]) -> str:
     for r in rows:
         t = r["median_s"]
         ts = f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
-        lines.append(f"| {r['op']} | {r['size']} | {r['candidate']} | {ts} | {r['speedup_vs_torch']:.2f}x |")
+        last = f"{r['comm_share'] * 100:.0f}% in collectives" if "comm_share" in r else f"{r['speedup_vs_torch']:.2f}x"
+        lines.append(f"| {r['op']} | {r['size']} | {r['candidate']} | {ts} | {last} |")
     text = "\n".join(lines)
     print(text)
     return text

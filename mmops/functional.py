@@ -468,12 +468,20 @@ def rnn_cell(
 # ---------------------------------------------------------------------------------------------------------
 # SyncBatchNorm: BatchNorm over the union of every rank's batch (torch.distributed), on the fused kernels
 # ---------------------------------------------------------------------------------------------------------
+COMM_SECONDS = [0.0]  # time spent inside SyncBatchNorm's collectives (read by `bench --op syncbn`)
+
+
 def _collective(what: str, fn, *args, **kw):
+    import time
+
+    t0 = time.perf_counter()
     try:
         return fn(*args, **kw)
     except RuntimeError as e:  # a dead or stuck peer: name what failed instead of a bare gloo/nccl message
         raise RuntimeError(f"mmops.nn.SyncBatchNorm: the {what} across ranks failed (a rank died, diverged or "
                            f"timed out): {e}") from e
+    finally:
+        COMM_SECONDS[0] += time.perf_counter() - t0
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
