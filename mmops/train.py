@@ -43,10 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", metavar="FILE", help="resume from a checkpoint (continues up to --steps)")
     p.add_argument("--samples", type=int, default=10, help="names sampled at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP + SyncBatchNorm; gloo on CPU, "
+                   "nccl on GPU); the global batch is split across them")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) <= 0 if name != "steps" else args.steps < 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.nproc < 1 or args.batch_size % args.nproc:
+        p.error(f"--nproc must be >= 1 and divide --batch-size ({args.batch_size}), got {args.nproc}")
+    if args.nproc > 1 and args.model != "mlp":
+        p.error("--nproc > 1 trains the mlp model only")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.model]
     if args.decay_at is None:
@@ -85,7 +91,44 @@ def _weights(model) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
 
 
-def train(args) -> dict:
+def _ddp_worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
+    import pickle
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=300))
+    try:
+        if args.device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        res = train(args, rank=rank, world=world)
+        if rank == 0:
+            with open(out_file, "wb") as f:
+                pickle.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ddp(args) -> dict:
+    """--nproc N: N processes (torch.multiprocessing spawn, file:// rendezvous), the MLP's BatchNorm converted to
+    mmops.nn.SyncBatchNorm, DDP averaging the gradients; every rank draws the same global minibatch and trains on
+    its slice, so the run follows the single-process run on the same global batches."""
+    import pickle
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.pkl")
+        mp.spawn(_ddp_worker, args=(args.nproc, os.path.join(d, "rendezvous"), args, out), nprocs=args.nproc)
+        with open(out, "rb") as f:
+            return pickle.load(f)
+
+
+def train(args, rank: int = 0, world: int = 1) -> dict:
+    if world == 1 and args.nproc > 1:
+        return train_ddp(args)
     _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,8 +156,18 @@ def train(args) -> dict:
         g.set_state(ckpt["generator"].cpu())
         start, lossi, ud = ckpt["step"], list(ckpt["lossi"]), list(ckpt.get("ud", []))
     model.train()
+    core = model  # what is saved, evaluated and sampled
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .nn import SyncBatchNorm
+
+        if args.threads is None:
+            torch.set_num_threads(max(1, torch.get_num_threads() // world))
+        core = model = SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model)
     params = list(model.parameters())
-    opt = None if args.model == "mlp" else torch.optim.SGD(params, lr=args.lr, foreach=True)
+    opt = None if (args.model == "mlp" and world == 1) else torch.optim.SGD(params, lr=args.lr, foreach=True)
     weights = _weights(model)
     ud_every = max(1, args.steps // 2000) if args.plots else 0
 
@@ -122,12 +175,15 @@ def train(args) -> dict:
     losses = torch.empty(n_steps, device=dev)
     from tqdm import tqdm
 
-    bar = tqdm(range(start, args.steps), initial=0, total=n_steps, disable=args.quiet, dynamic_ncols=True,
+    bar = tqdm(range(start, args.steps), initial=0, total=n_steps, disable=args.quiet or rank > 0, dynamic_ncols=True,
                desc=f"train {args.model}", mininterval=0.5, file=sys.stderr)
     t0 = time.perf_counter()
     for k, i in enumerate(bar):
         lr = args.lr if i < args.decay_at else args.lr / 10
         ix = torch.randint(0, Xtr.shape[0], (args.batch_size,), generator=g, device=dev)
+        if world > 1:  # this rank's slice of the global batch
+            b = args.batch_size // world
+            ix = ix[rank * b : (rank + 1) * b]
         Xb, Yb = Xtr[ix], Ytr[ix]
         if opt is None:
             loss, grads = model.train_step(Xb, Yb, lr)
@@ -145,11 +201,14 @@ def train(args) -> dict:
         if ud_every and i % ud_every == 0:  # update:data ratio, kept on the device (no sync)
             gmap = dict(zip([id(p) for p in params], grads))
             ud.append(torch.stack([(lr * gmap[id(p)].std() / p.data.std()).log10() for _, p in weights]).cpu())
-        if (k + 1) % args.log_every == 0 and not args.quiet:
+        if (k + 1) % args.log_every == 0 and not args.quiet and rank == 0:
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=lr, refresh=False)
     seconds = time.perf_counter() - t0
     bar.close()
     lossi = lossi + losses.cpu().tolist()
+    model = core
+    if rank > 0:
+        return {}
 
     train_loss = split_loss(model, Xtr, Ytr)
     val_loss = split_loss(model, Xva, Yva)

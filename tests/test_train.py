@@ -77,3 +77,17 @@ def test_cli_entry_point_and_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--batch-size", "0"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_follow_the_single_process_run(tmp_path):
+    """--nproc 2: DDP + SyncBatchNorm over gloo, each rank half of the same global batches: the weights after
+    the run equal the single-process run's (float32, so to rounding)."""
+    common = ["--steps", "200", "--decay-at", "150", "--samples", "0", "--threads", "1", "--batch-size", "32"]
+    a, b = str(tmp_path / "ddp.pt"), str(tmp_path / "one.pt")
+    res = _run(*common, "--nproc", "2", "--save", a)
+    _run(*common, "--save", b)
+    sa, sb = torch.load(a, weights_only=False)["state_dict"], torch.load(b, weights_only=False)["state_dict"]
+    assert list(sa) == list(sb)
+    for k in sb:
+        torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    assert res["val_loss"] < 3.0
