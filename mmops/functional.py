@@ -13,7 +13,7 @@ from torch import Tensor
 from ._ops import REDUCTIONS, ops
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "batch_norm", "BatchNormFunction", "rnn", "rnn_cell",
-           "RNNFunction", "RNNCellFunction"]
+           "RNNFunction", "SyncBatchNormFunction"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -308,66 +308,35 @@ torch.library.register_fake("mmops::rnn_backward")(_rnn_backward_fake_impl)
 torch.library.register_fake("mmops::rnn_cell_backward")(_rnn_backward_fake_impl)
 
 
-class _RNNBase(torch.autograd.Function):
-    """Shared by the sequence and the cell: the kernels differ only in T (the cell is T = 1)."""
+class RNNFunction(torch.autograd.Function):
+    """The whole sequence (cell=False: input projection as one matmul, the recurrence and BPTT in C++, each
+    weight gradient one matmul over all steps) or one step (cell=True: the same kernel with T = 1,
+    h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)). The math is in csrc/cpu/rnn.cpp."""
 
-    _fwd = _bwd = None  # set by the subclasses
-
-    @classmethod
-    def _forward(cls, ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
+    @staticmethod
+    def forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act, cell):
         with _below_autograd():
-            out = cls._fwd(input, hx, w_ih, w_hh, b_ih, b_hh, act)
+            fwd = ops.rnn_cell_forward if cell else ops.rnn_forward
+            out = fwd(input, hx, w_ih, w_hh, b_ih, b_hh, act)
         ctx.save_for_backward(input, hx, w_ih, w_hh, out)
-        ctx.act = act
+        ctx.flags = (act, cell)
         return out
 
-    @classmethod
-    def _backward(cls, ctx, grad_out):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
         input, hx, w_ih, w_hh, out = ctx.saved_tensors
+        act, cell = ctx.flags
         need = ctx.needs_input_grad
         mask = [need[0], need[1], need[2], need[3], need[4] or need[5]]
         with _below_autograd():
-            d_in, d_hx, d_w_ih, d_w_hh, d_b = cls._bwd(grad_out, out, input, hx, w_ih, w_hh, ctx.act, mask)
+            bwd = ops.rnn_cell_backward if cell else ops.rnn_backward
+            d_in, d_hx, d_w_ih, d_w_hh, d_b = bwd(grad_out, out, input, hx, w_ih, w_hh, act, mask)
         # b_ih and b_hh get the same gradient: two tensors, so that accumulating into one .grad never
         # writes the other's
         return (d_in if need[0] else None, d_hx if need[1] else None, d_w_ih if need[2] else None,
                 d_w_hh if need[3] else None, d_b if need[4] else None,
-                (d_b.clone() if need[4] else d_b) if need[5] else None, None)
-
-
-class RNNFunction(_RNNBase):
-    """The whole sequence: input projection as one matmul, the recurrence and BPTT in C++; the weight
-    gradients are one matmul each over all steps (csrc/cpu/rnn.cpp)."""
-
-    @staticmethod
-    def forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
-        return RNNFunction._forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return RNNFunction._backward(ctx, grad_out)
-
-
-class RNNCellFunction(_RNNBase):
-    """One step, h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh): bias and activation in one pass after the
-    matmuls; the backward folds act' into the pass that forms dpre."""
-
-    @staticmethod
-    def forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act):
-        return RNNCellFunction._forward(ctx, input, hx, w_ih, w_hh, b_ih, b_hh, act)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return RNNCellFunction._backward(ctx, grad_out)
-
-
-# The op names are looked up lazily (ops is torch.ops.mmops) so that the classes stay plain data.
-RNNFunction._fwd = staticmethod(lambda *a: ops.rnn_forward(*a))
-RNNFunction._bwd = staticmethod(lambda *a: ops.rnn_backward(*a))
-RNNCellFunction._fwd = staticmethod(lambda *a: ops.rnn_cell_forward(*a))
-RNNCellFunction._bwd = staticmethod(lambda *a: ops.rnn_cell_backward(*a))
+                (d_b.clone() if need[4] else d_b) if need[5] else None, None, None)
 
 
 def _nonlinearity_code(nonlinearity, fn: str) -> int:
@@ -435,7 +404,7 @@ def rnn(
             raise ValueError(f"{fn}: hx must have shape ({B}, {H}) or (1, {B}, {H}), got {tuple(hx.shape)}")
     if T == 0:
         raise ValueError(f"{fn}: the sequence is empty (T = 0)")
-    out = RNNFunction.apply(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, act)
+    out = RNNFunction.apply(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, act, False)
     h_n = out[-1]
     if squeeze_h:
         h_n = h_n.unsqueeze(0)
@@ -462,7 +431,7 @@ def rnn_cell(
         hx = weight_ih.new_zeros((B, H))
     elif tuple(hx.shape) != (B, H):
         raise ValueError(f"{fn}: hx must have shape ({B}, {H}), got {tuple(hx.shape)}")
-    return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, act)
+    return RNNFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, act, True)
 
 
 # ---------------------------------------------------------------------------------------------------------

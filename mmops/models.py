@@ -68,16 +68,12 @@ class MLP(nn.Module):
             raise RuntimeError("MLP.train_step: the model is in eval mode; call model.train() first")
         E, W1, W2, b2 = self.emb.weight, self.fc1.weight, self.fc2.weight, self.fc2.bias
         n = X.shape[0]
-        momentum = bn.momentum
-        if bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = bn._running_factor()  # BatchNorm1d's own rule (and it counts the batch)
         # forward: embcat -> hprebn -> h = tanh(BN(hprebn)) -> logits -> loss (+ dlogits, in the same pass)
         embcat = E.index_select(0, X.view(-1)).view(n, -1)
         hprebn = embcat.mm(W1.t())
         h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
-                                                 momentum or 0.0, bn.eps, bn.bessel, 1)
+                                                 momentum, bn.eps, bn.bessel, 1)
         logits = torch.addmm(b2, h, W2.t())
         loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
         # backward

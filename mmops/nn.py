@@ -51,13 +51,19 @@ class BatchNorm1d(_NormBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bessel={self.bessel}, activation={self.activation!r}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        # nn.BatchNorm1d's rules for the running-average factor and for when batch statistics are used
+    def _running_factor(self) -> float:
+        """nn.BatchNorm1d's rule for the running-average factor (momentum, or 1/num_batches_tracked when
+        momentum is None); counts the batch in training."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = self._running_factor()
+        # nn.BatchNorm1d's rule for when batch statistics are used
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         return MF.batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
@@ -91,10 +97,7 @@ class SyncBatchNorm(BatchNorm1d):
         self._check_input_dim(input)
         if input.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"mmops.nn.SyncBatchNorm: input must be float32 or float64, got {input.dtype}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = self._running_factor()
         rm, rv = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         return MF.SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, factor, self.eps, self.bessel,
                                               MF.ACTIVATIONS[self.activation], self.process_group)

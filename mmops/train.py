@@ -46,8 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP + SyncBatchNorm; gloo on CPU, "
                    "nccl on GPU); the global batch is split across them")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "log_every"):
-        if getattr(args, name) <= 0 if name != "steps" else args.steps < 0:
+    if args.steps < 0:
+        p.error("--steps must be >= 0")
+    for name in ("batch_size", "log_every"):
+        if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.nproc < 1 or args.batch_size % args.nproc:
         p.error(f"--nproc must be >= 1 and divide --batch-size ({args.batch_size}), got {args.nproc}")
