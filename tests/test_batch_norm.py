@@ -50,6 +50,38 @@ def test_matches_torch(shape, dtype, training, affine, activation, momentum):
     torch.testing.assert_close(rv1, rv2, **t)
 
 
+# float32 (N, C) takes the tiled path (channel tiles of 32 in registers, blocks of 64 rows, one parallel region):
+# these shapes cover full tiles with and without a tail, partial row blocks and the multi-threaded split.
+@pytest.mark.parametrize("shape", [(2000, 70), (333, 256), (65, 32), (4100, 33)])
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_float32_tiled_path_matches_float64(shape, activation, offset):
+    C = shape[1]
+    torch.manual_seed(0)
+    # offset: the shifted sums must not cancel. The truth is float64 math on the float32 values.
+    x = (torch.randn(*shape) * 0.5 + offset).double()
+    w, b = torch.randn(C).double(), torch.randn(C).double()
+    go = torch.randn(*shape).double()
+    if activation == "relu":  # where the pre-activation is ~0, float rounding may take either side of the kink
+        pre = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        go[pre.abs() < 1e-3] = 0
+    rm32, rv32, rm64, rv64 = torch.zeros(C), torch.ones(C), torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    y1, g1 = _run(lambda x, rm, rv, w, b: mmops.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, activation=activation),
+                  x.float(), rm32, rv32, w.float(), b.float(), go.float())
+    y2, g2 = _run(lambda x, rm, rv, w, b: ACT[activation](F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)),
+                  x, rm64, rv64, w, b, go)
+    # At offset 1000 the float32 mean itself is off by up to ulp(1000)/2 = 3e-5, i.e. ~1e-4 of xhat here.
+    atol = 1e-4 if offset == 0 else 5e-4
+    torch.testing.assert_close(y1, y2.float(), rtol=1e-4, atol=atol)
+    y3, _ = _run(lambda x, rm, rv, w, b: ACT[activation](F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)),
+                 x.float(), None, None, w.float(), b.float(), go.float())
+    assert (y1.double() - y2).abs().max() <= (y3.double() - y2).abs().max() * 1.5 + 1e-6  # no worse than PyTorch
+    for a, e in zip(g1, g2):  # dgamma/dbeta are sums over N rows: scale the tolerance with N
+        torch.testing.assert_close(a, e.float(), rtol=1e-3, atol=atol * shape[0] ** 0.5)
+    torch.testing.assert_close(rm32, rm64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rv32, rv64.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_bessel_matches_reference_chain_cmp():
     n, C = 32, 64
     hprebn = torch.randn(n, C, dtype=torch.float64) * 3 + 1
