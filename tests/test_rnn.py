@@ -97,6 +97,31 @@ def test_module_matches_nn_rnn(size, dtype, nonlinearity, bias, batch_first, wit
         torch.testing.assert_close(a, b, **t)
 
 
+# Products of >= 4M multiply-adds go to oneDNN (csrc/cpu/rnn.cpp: linear_nt), per-step ones with W_hh packed
+# once from T >= 3: these sizes take those paths (float32), checked against nn.RNN in float64.
+@pytest.mark.parametrize("size", [(2, 64, 256, 256), (5, 64, 300, 272), (1, 128, 512, 192)])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_large_products_match_float64(size, nonlinearity, tokens):
+    T, B, I, H = size
+    torch.manual_seed(0)
+    ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=torch.float32)
+    ref = ref.double()
+    tok = torch.randint(0, I, (T, B))
+    x = F.one_hot(tok, I).float() if tokens else torch.randn(T, B, I) * 0.2
+    h0 = torch.randn(1, B, H) * 0.5
+    go = torch.randn(T, B, H)
+    results = []
+    for m, xi, hi in ((ref, x.double(), h0.double()), (ours, tok if tokens else x, h0)):
+        xi = xi.clone().requires_grad_(not tokens)
+        hi = hi.clone().requires_grad_()
+        out, h_n = m(xi, hi)
+        (out * go.to(out.dtype)).sum().add(h_n.sum()).backward()
+        results.append([out, h_n, hi.grad] + ([] if tokens else [xi.grad]) + _grads(m))
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
+
+
 def test_unbatched_input_matches_nn_rnn():
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, 4, 6, num_layers=2, dtype=torch.float64)
     x, h0 = torch.randn(7, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
