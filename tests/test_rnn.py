@@ -97,9 +97,10 @@ def test_module_matches_nn_rnn(size, dtype, nonlinearity, bias, batch_first, wit
         torch.testing.assert_close(a, b, **t)
 
 
-# Products of >= 4M multiply-adds go to oneDNN (csrc/cpu/rnn.cpp: linear_nt), per-step ones with W_hh packed
-# once from T >= 3: these sizes take those paths (float32), checked against nn.RNN in float64.
-@pytest.mark.parametrize("size", [(2, 64, 256, 256), (5, 64, 300, 272), (1, 128, 512, 192)])
+# Recurrences with B * H * H >= 16M run their float32 products on oneDNN (csrc/cpu/rnn.cpp: use_onednn), the
+# steps with W_hh packed once from T >= 3 (forward) / 4 (backward): these sizes take those paths, checked
+# against nn.RNN in float64.
+@pytest.mark.parametrize("size", [(2, 64, 64, 512), (5, 256, 300, 272), (1, 128, 512, 384)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens", [False, True])
 def test_large_products_match_float64(size, nonlinearity, tokens):

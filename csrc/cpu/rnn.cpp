@@ -78,15 +78,17 @@ void act_bwd(int64_t act, double* g, const double* m, const double* dout, const 
   else add_times_act_grad<double, kRelu>(g, m, dout, h, n);
 }
 
-// ---- matmuls: oneDNN where torch was built with it, for float32 products big enough to repay its call ------
+// ---- matmuls: oneDNN where torch was built with it, for float32 recurrences big enough to repay it -------
 // On the AMD EPYC (Zen 5, AVX-512) machines this project is measured on, MKL's sgemm takes its generic AVX2
 // path ("mkl_blas_def_sgemm_kernel_0_zen"); oneDNN's JIT kernels use AVX-512 by CPU feature, and measured
-// 1.4-2.3x faster on these shapes (128x512 @ 512x512 427 -> 186 us, 8192x128 @ 128x512 6.35 -> 2.75 ms,
-// 256x1120 @ 1120x256 837 -> 584 us; 2 threads). torch registers them as mkldnn::_linear_pointwise(X, W, B?,
-// "none", ...) = X W^T (+ B) and .binary(X, other, W, B?, "add") = X W^T + other. Below kOneDnnMinMacs (where
-// its per-call cost eats the gain: 32x256 @ 256x256 measured slower), for float64, or with MMOPS_NO_ONEDNN=1,
-// the products go to at::mm (MKL), as before.
-constexpr int64_t kOneDnnMinMacs = int64_t(4) << 20;
+// 1.4-2.3x faster on these shapes alone (128x512 @ 512x512 427 -> 186 us, 8192x128 @ 128x512 6.35 -> 2.75 ms;
+// 2 threads). torch registers them as mkldnn::_linear_pointwise(X, W, B?, "none", ...) = X W^T (+ B) and
+// .binary(X, other, W, B?, "add") = X W^T + other. The choice is made once per call for all its products: at
+// (T35, B32, H256) even the one big product (dW_hh, 1120 rows) through oneDNN made the whole fwd+bwd slower
+// (4.4 -> 5.0 ms, measured interleaved), so oneDNN is used only where the per-step (B, H) x (H, H) product has
+// at least kOneDnnMinStepMacs multiply-adds (T64 B128 H512: 34M, fwd+bwd 1.08x -> 1.7x of nn.RNN). float64,
+// smaller recurrences, and MMOPS_NO_ONEDNN=1 use at::mm (MKL).
+constexpr int64_t kOneDnnMinStepMacs = int64_t(16) << 20;
 
 struct OneDnn {
   std::optional<c10::OperatorHandle> linear, linear_add, reorder;
@@ -106,9 +108,9 @@ const OneDnn& onednn() {
   return ops;
 }
 
-bool use_onednn(const Tensor& x, const Tensor& w) {
-  return x.scalar_type() == at::kFloat && x.device().is_cpu() && onednn().linear &&
-         x.size(0) * x.size(1) * w.size(0) >= kOneDnnMinMacs;
+// Whether a recurrence with this batch, hidden size and dtype runs its products on oneDNN.
+bool use_onednn(at::ScalarType dtype, int64_t B, int64_t H) {
+  return dtype == at::kFloat && onednn().linear && B * H * H >= kOneDnnMinStepMacs;
 }
 
 Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
@@ -116,18 +118,17 @@ Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack)
   return stack.at(0).toTensor();
 }
 
-// x (M, K) @ w^T for w (N, K), any strides; plus `other` (M, N) when given. w may be a packed_weight when the
-// caller has checked use_onednn.
-Tensor linear_nt(const Tensor& x, const Tensor& w, const Tensor* other = nullptr) {
-  if (!use_onednn(x, w)) return other ? at::addmm(*other, x, w.t()) : at::mm(x, w.t());
+// x (M, K) @ w^T for w (N, K), any strides; plus `other` (M, N) when given; w may be a packed_weight (dnn).
+Tensor linear_nt(bool dnn, const Tensor& x, const Tensor& w, const Tensor* other = nullptr) {
+  if (!dnn) return other ? at::addmm(*other, x, w.t()) : at::mm(x, w.t());
   if (other) return call_boxed(*onednn().linear_add, {x, *other, w, c10::IValue(), std::string("add")});
   return call_boxed(*onednn().linear, {x, w, c10::IValue(), std::string("none"),
                                        c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
 }
 
 // x (M, K) @ w^T + bias (N,) for the input projection.
-Tensor linear_nt_bias(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
-  if (!use_onednn(x, w)) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+Tensor linear_nt_bias(bool dnn, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  if (!dnn) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   return call_boxed(*onednn().linear, {x, w, bias ? c10::IValue(bias->contiguous()) : c10::IValue(),
                                        std::string("none"), c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
 }
@@ -235,6 +236,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   const int64_t TB = d.T * d.B;
   Tensor out = at::empty({d.T, d.B, d.H}, w_ih.options());
   if (TB == 0 || d.H == 0) return out;
+  const bool dnn = use_onednn(w_ih.scalar_type(), d.B, d.H);
   std::optional<Tensor> bias;  // b_ih + b_hh, added once with the input projection
   if (has(b_ih) && has(b_hh)) bias = at::add(*b_ih, *b_hh);
   else if (has(b_ih)) bias = *b_ih;
@@ -243,7 +245,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // 1. input projection of every step, into the output buffer
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
-    out = linear_nt_bias(x2d, w_ih, bias).view({d.T, d.B, d.H});  // a fresh contiguous (T*B, H) buffer
+    out = linear_nt_bias(dnn, x2d, w_ih, bias).view({d.T, d.B, d.H});  // a fresh contiguous (T*B, H) buffer
   } else {
     const Tensor tok = checked_tokens(input, d.I, "mmops.rnn");
     const Tensor w_t = w_ih.t().contiguous();  // (I, H): token k's projection is row k
@@ -264,8 +266,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // activation runs in place; with oneDNN (W_hh packed once, from 3 steps on) the matmul + proj_t lands in a
   // fresh (B, H) block and the activation writes out[t] from it.
   const Tensor h0 = hx.contiguous();
-  const bool onednn_steps = use_onednn(h0, w_hh);
-  const Tensor w_step = onednn_steps ? (d.T >= 3 ? packed_weight(w_hh, h0) : w_hh) : w_hh.t();
+  const Tensor w_step = dnn ? (d.T >= 3 ? packed_weight(w_hh, h0) : w_hh) : w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_forward", [&] {
     using T = scalar_t;
     const int64_t BH = d.B * d.H;
@@ -273,7 +274,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
       Tensor ht = out.select(0, t);
       const Tensor h_prev = t == 0 ? h0 : out.select(0, t - 1);
       Tensor pre = ht;
-      if (onednn_steps) pre = linear_nt(h_prev, w_step, &ht);
+      if (dnn) pre = linear_nt(dnn, h_prev, w_step, &ht);
       else ht.addmm_(h_prev, w_step);
       T* hp = ht.mutable_data_ptr<T>();
       const T* pp = pre.const_data_ptr<T>();
@@ -309,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   const Tensor dout = grad_output.contiguous();
   Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
   // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
-  const bool onednn_steps = use_onednn(dpre.select(0, 0), w_hh);
-  const Tensor w_step = onednn_steps ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
+  const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
+  const Tensor w_step = dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
 
   AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_backward", [&] {
     using T = scalar_t;
@@ -322,7 +323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
       T* g = gt.mutable_data_ptr<T>();
       Tensor m = gt;
       if (t == d.T - 1) std::fill(g, g + BH, T(0));
-      else if (onednn_steps) m = linear_nt(dpre.select(0, t + 1), w_step);
+      else if (dnn) m = linear_nt(dnn, dpre.select(0, t + 1), w_step);
       else at::mm_out(gt, dpre.select(0, t + 1), w_hh);
       const T* mp = m.const_data_ptr<T>();
       const T* go = dout.const_data_ptr<T>() + t * BH;
@@ -333,23 +334,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
 
   const Tensor dpre2d = dpre.view({TB, H});
   const Tensor h0 = hx.contiguous();
-  if (output_mask[1]) d_hx = linear_nt(dpre.select(0, 0), w_hh.t());
+  if (output_mask[1]) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
   if (output_mask[3]) {
     // dW_hh = sum_t dpre_t^T h_{t-1}: steps 1.. in one matmul against output[:-1], plus step 0 against hx
     if (d.T > 1) {
       const int64_t rows = (d.T - 1) * d.B;
-      const Tensor rest = linear_nt(dpre.narrow(0, 1, d.T - 1).reshape({rows, H}).t(),
+      const Tensor rest = linear_nt(dnn, dpre.narrow(0, 1, d.T - 1).reshape({rows, H}).t(),
                                     h.narrow(0, 0, d.T - 1).reshape({rows, H}).t());
-      d_w_hh = linear_nt(dpre.select(0, 0).t(), h0.t(), &rest);
+      d_w_hh = linear_nt(dnn, dpre.select(0, 0).t(), h0.t(), &rest);
     } else {
-      d_w_hh = linear_nt(dpre.select(0, 0).t(), h0.t());
+      d_w_hh = linear_nt(dnn, dpre.select(0, 0).t(), h0.t());
     }
   }
   if (output_mask[4]) d_b = at::sum(dpre2d, 0);
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
-    if (output_mask[0]) d_input = linear_nt(dpre2d, w_ih.t()).view({d.T, d.B, d.I});
-    if (output_mask[2]) d_w_ih = linear_nt(dpre2d.t(), x2d.t());
+    if (output_mask[0]) d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
+    if (output_mask[2]) d_w_ih = linear_nt(dnn, dpre2d.t(), x2d.t());
   } else if (output_mask[2]) {
     // dW_ih[:, k] = sum of the dpre rows whose token is k: a scatter-add into dW_ih^T (I, H), threads split
     // the H columns so that no two write the same element.
