@@ -280,21 +280,12 @@ MMOPS_INLINE vf16 activate16(vf16 y) {
   return y;
 }
 
-template <int kAct>
-MMOPS_INLINE vf8 act_grad8(vf8 dh, vf8 h) {
+// act_grad on a vector of floats (vf8 or vf16).
+template <int kAct, typename V>
+MMOPS_INLINE V act_grad_vec(V dh, V h) {
   if (kAct == kTanh) return dh * (1.0f - h * h);
   if (kAct == kRelu) {
-    const vf8 z = {};
-    return h > z ? dh : z;
-  }
-  return dh;
-}
-
-template <int kAct>
-MMOPS_INLINE vf16 act_grad16(vf16 dh, vf16 h) {
-  if (kAct == kTanh) return dh * (1.0f - h * h);
-  if (kAct == kRelu) {
-    const vf16 z = {};
+    const V z = {};
     return h > z ? dh : z;
   }
   return dh;
@@ -390,7 +381,7 @@ MMOPS_INLINE void bsums_f32_impl(const float* dh, const float* h, const float* x
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
         for (int q = 0; q < 4; ++q) {
-          const vf8 g = act_grad8<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
+          const vf8 g = act_grad_vec<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
           a[q] += __builtin_convertvector(g, vd8);
           b[q] += __builtin_convertvector(g * (load8(x + o + 8 * q) - m[q]), vd8);
         }
@@ -430,8 +421,8 @@ MMOPS_INLINE void dx_f32_impl(const float* dh, const float* h, const float* x, f
       const vf16 D0 = load16(D + c0), D1 = load16(D + c0 + 16), m0 = load16(m + c0), m1 = load16(m + c0 + 16);
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
-        const vf16 g0 = act_grad16<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
-        const vf16 g1 = act_grad16<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
+        const vf16 g0 = act_grad_vec<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
+        const vf16 g1 = act_grad_vec<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
         store16(dx + o, A0 * g0 + B0 * (load16(x + o) - m0) + D0);
         store16(dx + o + 16, A1 * g1 + B1 * (load16(x + o + 16) - m1) + D1);
       }
@@ -476,24 +467,29 @@ void reduce_then_elementwise(int64_t N, int64_t C, std::vector<double>& part, Re
   }
 }
 
-// Per-thread partial sums over row blocks, then added up (2*C doubles per thread).
+// Adds up the per-thread partial sums part[t][0:C] and part[t][C:2C] of T threads.
+void add_partials(const std::vector<double>& part, int T, int64_t C, std::vector<double>& S1, std::vector<double>& S2) {
+  S1.assign(C, 0.0);
+  S2.assign(C, 0.0);
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      S1[c] += part[t * 2 * C + c];
+      S2[c] += part[t * 2 * C + C + c];
+    }
+}
+
+// Per-thread partial sums over row blocks (part[t][0:C] and part[t][C:2C]), then added up.
 template <typename F>
 void reduce_rows(Shape s, F&& body, std::vector<double>& out1, std::vector<double>& out2) {
   const int64_t C = s.C, per_row = s.C * s.L;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_row, 1));
   const int nt = std::max(1, at::get_num_threads());
-  std::vector<double> p1(static_cast<size_t>(nt) * C, 0.0), p2(static_cast<size_t>(nt) * C, 0.0);
+  std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
   at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
-    const int t = at::get_thread_num();
-    body(n0, n1, p1.data() + t * C, p2.data() + t * C);
+    double* p = part.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+    body(n0, n1, p, p + C);
   });
-  out1.assign(C, 0.0);
-  out2.assign(C, 0.0);
-  for (int t = 0; t < nt; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      out1[c] += p1[t * C + c];
-      out2[c] += p2[t * C + c];
-    }
+  add_partials(part, nt, C, out1, out2);
 }
 
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3 ? x.size(2) : 1}; }
@@ -535,17 +531,6 @@ void affine_coefficients(int64_t C, const T* wp, const T* bp, const T* mp, const
     a[c] = (wp ? wp[c] : T(1)) * ip[c];
     b[c] = bp ? bp[c] : T(0);
   }
-}
-
-// Adds up the per-thread partial sums part[t][0:C] and part[t][C:2C] of T threads.
-void add_partials(const std::vector<double>& part, int T, int64_t C, std::vector<double>& S1, std::vector<double>& S2) {
-  S1.assign(C, 0.0);
-  S2.assign(C, 0.0);
-  for (int t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      S1[c] += part[t * 2 * C + c];
-      S2[c] += part[t * 2 * C + C + c];
-    }
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,

@@ -323,21 +323,13 @@ __attribute__((target("avx512f"))) double ce_small_rows_avx512(const CEArgs<floa
       for (int r = 0; r < R; ++r) small_row(a, i + r, k0, k1, ninf, rs, acc);
       continue;
     }
-    __m512 x0[R], x1[R], e0[R], e1[R];
+    __m512 e0[R], e1[R];
     float m[R], s[R], x_y[R];
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {  // inlined into one block: the four rows' chains are independent
       const float* x = a.x + (i + r) * C;
-      x0[r] = _mm512_mask_loadu_ps(ninf, k0, x);
-      x1[r] = _mm512_mask_loadu_ps(ninf, k1, x + 16);
       x_y[r] = x[y[r]];
+      small_row_exp(x, k0, k1, ninf, e0[r], e1[r], m[r], s[r]);
     }
-    for (int r = 0; r < R; ++r) m[r] = _mm512_reduce_max_ps(_mm512_max_ps(x0[r], x1[r]));
-    for (int r = 0; r < R; ++r) {
-      const __m512 vm = _mm512_set1_ps(m[r]);
-      e0[r] = exp_avx512(_mm512_sub_ps(x0[r], vm));
-      e1[r] = exp_avx512(_mm512_sub_ps(x1[r], vm));
-    }
-    for (int r = 0; r < R; ++r) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0[r], e1[r]));
     for (int r = 0; r < R; ++r) acc.add(i + r, m[r], s[r], x_y[r]);
     if (a.grad)
       for (int r = 0; r < R; ++r) store_small_grad(a.grad + (i + r) * C, y[r], e0[r], e1[r], s[r], a.rs, rs, k0, k1);
