@@ -279,6 +279,10 @@ def _syncbn_worker(rank, world, init_file, out_file, N, C, steps):
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump({"step_s": total / steps, "comm_s": MF.COMM_SECONDS[0] / steps}, f)
+        from .train import _ddp_teardown
+
+        del bn, x, go
+        _ddp_teardown(dist)
     finally:
         dist.destroy_process_group()
 

@@ -108,8 +108,20 @@ def _ddp_worker(rank: int, world: int, init_file: str, args, out_file: str) -> N
         if rank == 0:
             with open(out_file, "wb") as f:
                 pickle.dump(res, f)
+        _ddp_teardown(dist)
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_teardown(dist) -> None:
+    """Before destroy_process_group on the success path: free the DDP module (its hooks form reference cycles, so
+    without a collection it and its reference to the gloo group live until interpreter shutdown, where freeing gloo's
+    worker threads can abort the process: CI saw `terminate called without an active exception` in the rank that
+    finished first), then wait for every rank, so no rank tears its connections down while another still runs."""
+    import gc
+
+    gc.collect()
+    dist.barrier()
 
 
 def train_ddp(args) -> dict:
