@@ -123,6 +123,39 @@ def test_large_products_match_float64(size, nonlinearity, tokens):
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
 
 
+# float32 recurrences below oneDNN's size run on the hand-written AVX-512 kernels where the CPU has them
+# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue, and dW_hh / dW_ih as one pass over all rows);
+# MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. Both against nn.RNN in float64, at sizes with row
+# tails (B not a multiple of 8, B < 8), column tails (H not a multiple of 32, H < 32), more rows than one chunk
+# of the weight-gradient kernel (T * B > 256), T = 1, and with / without the gradient of hx.
+@pytest.mark.parametrize("path", ["step_kernel", "matmul_per_step"])
+@pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
+                                  (9, 64, 40, 100)])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("hx_grad", [True, False])
+def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, tokens, hx_grad):
+    if path == "matmul_per_step":
+        monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    T, B, I, H = size
+    torch.manual_seed(T * 1000 + B + H)
+    ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=torch.float32)
+    ref = ref.double()
+    tok = torch.randint(0, I, (T, B))
+    x = F.one_hot(tok, I).float() if tokens else torch.randn(T, B, I)
+    h0 = torch.randn(1, B, H) * 0.5
+    go = torch.randn(T, B, H)
+    results = []
+    for m, xi, hi in ((ref, x.double(), h0.double()), (ours, tok if tokens else x, h0)):
+        xi = xi.clone().requires_grad_(not tokens)
+        hi = hi.clone().requires_grad_(hx_grad)
+        out, h_n = m(xi, hi)
+        (out * go.to(out.dtype)).sum().add(h_n.sum()).backward()
+        results.append([out, h_n] + ([hi.grad] if hx_grad else []) + ([] if tokens else [xi.grad]) + _grads(m))
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a.detach(), e.detach().float(), rtol=1e-3, atol=1e-3)
+
+
 def test_unbatched_input_matches_nn_rnn():
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, 4, 6, num_layers=2, dtype=torch.float64)
     x, h0 = torch.randn(7, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)

@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/rnn_recurrence.h"
 #include "cpu/simd.h"
 
 namespace mmops {
@@ -137,6 +138,23 @@ Tensor linear_nt_bias(bool dnn, const Tensor& x, const Tensor& w, const std::opt
 // side.
 Tensor packed_weight(const Tensor& w, const Tensor& like_x) {
   return call_boxed(*onednn().reorder, {w.contiguous(), c10::IValue(like_x.size(0))});
+}
+
+// ---- float32 recurrences below oneDNN's size: the hand-written AVX-512 step kernel (rnn_recurrence.cpp) ---
+// One OpenMP region for the whole loop over time, W_hh packed once per call, the epilogue fused into the product.
+// MMOPS_NO_STEP_KERNEL=1 falls back to the matmul-per-step loop (read per call, so a benchmark can compare both).
+bool use_step_kernel(at::ScalarType dtype, bool dnn) {
+  if (dtype != at::kFloat || dnn || !cpu::rnn_recurrence_available()) return false;
+  const char* off = std::getenv("MMOPS_NO_STEP_KERNEL");
+  return !(off && std::string(off) == "1");
+}
+
+Tensor step_kernel_weight(const Tensor& w_hh, bool transpose) {
+  const int64_t H = w_hh.size(0);
+  Tensor packed = at::empty({cpu::rnn_packed_floats(H)}, w_hh.options());
+  cpu::rnn_pack_weight(w_hh.contiguous().const_data_ptr<float>(), H, transpose, packed.mutable_data_ptr<float>(),
+                       at::get_num_threads());
+  return packed;
 }
 
 // ---- token input: out[j] = W_ih^T[tok[j]] + bias (forward); dW_ih^T[tok[j]] += dpre[j] (backward) --------
@@ -266,6 +284,12 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // activation runs in place; with oneDNN (W_hh packed once, from 3 steps on) the matmul + proj_t lands in a
   // fresh (B, H) block and the activation writes out[t] from it.
   const Tensor h0 = hx.contiguous();
+  if (use_step_kernel(w_ih.scalar_type(), dnn)) {
+    const Tensor packed = step_kernel_weight(w_hh, /*transpose=*/true);
+    cpu::rnn_recurrence_forward(out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
+                                packed.const_data_ptr<float>(), d.T, d.B, d.H, act, at::get_num_threads());
+    return out;
+  }
   const Tensor w_step = dnn ? (d.T >= 3 ? packed_weight(w_hh, h0) : w_hh) : w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_forward", [&] {
     using T = scalar_t;
@@ -311,9 +335,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
   // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
-  const Tensor w_step = dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
+  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn);
+  const Tensor w_step = step_kernel ? step_kernel_weight(w_hh, /*transpose=*/false)
+                        : dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
 
-  AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_backward", [&] {
+  if (step_kernel) {
+    if (output_mask[1]) d_hx = at::empty({d.B, H}, w_ih.options());
+    cpu::rnn_recurrence_backward(dpre.mutable_data_ptr<float>(), dout.const_data_ptr<float>(),
+                                 h.const_data_ptr<float>(), w_step.const_data_ptr<float>(),
+                                 output_mask[1] ? d_hx.mutable_data_ptr<float>() : nullptr, d.T, d.B, H, act,
+                                 at::get_num_threads());
+  } else AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_backward", [&] {
     using T = scalar_t;
     // dpre_{T-1} = dout_{T-1} * act'(h_{T-1}); then dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t), the add
     // and act' applied in one pass over the matmul's result (MKL writes it into dpre_t, oneDNN into a fresh
@@ -334,8 +366,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
 
   const Tensor dpre2d = dpre.view({TB, H});
   const Tensor h0 = hx.contiguous();
-  if (output_mask[1]) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
-  if (output_mask[3]) {
+  if (output_mask[1] && !step_kernel) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
+  if (output_mask[3] && step_kernel) {
+    // dW_hh = sum_t dpre_t^T h_{t-1}: step 0's rows against hx, steps 1.. against output[:-1], one pass
+    d_w_hh = at::empty({H, H}, w_ih.options());
+    const float* gp = dpre.const_data_ptr<float>();
+    const cpu::RowSegment segs[2] = {{gp, H, h0.const_data_ptr<float>(), H, d.B},
+                                     {gp + BH, H, h.const_data_ptr<float>(), H, (d.T - 1) * d.B}};
+    cpu::rnn_weight_grad(segs, 2, H, H, d_w_hh.mutable_data_ptr<float>(), at::get_num_threads());
+  } else if (output_mask[3]) {
     // dW_hh = sum_t dpre_t^T h_{t-1}: steps 1.. in one matmul against output[:-1], plus step 0 against hx
     if (d.T > 1) {
       const int64_t rows = (d.T - 1) * d.B;
@@ -350,7 +389,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
     if (output_mask[0]) d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
-    if (output_mask[2]) d_w_ih = linear_nt(dnn, dpre2d.t(), x2d.t());
+    if (output_mask[2] && step_kernel) {  // dW_ih = sum_t dpre_t^T x_t, one pass
+      d_w_ih = at::empty({H, d.I}, w_ih.options());
+      const cpu::RowSegment seg{dpre.const_data_ptr<float>(), H, x2d.const_data_ptr<float>(), d.I, TB};
+      cpu::rnn_weight_grad(&seg, 1, H, d.I, d_w_ih.mutable_data_ptr<float>(), at::get_num_threads());
+    } else if (output_mask[2]) {
+      d_w_ih = linear_nt(dnn, dpre2d.t(), x2d.t());
+    }
   } else if (output_mask[2]) {
     // dW_ih[:, k] = sum of the dpre rows whose token is k: a scatter-add into dW_ih^T (I, H), threads split
     // the H columns so that no two write the same element.

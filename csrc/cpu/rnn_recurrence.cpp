@@ -1,0 +1,331 @@
+// The float32 recurrence of mmops.rnn on AVX-512: every step's (B, H) x (H, H) product and its epilogue in one
+// hand-written kernel, the whole loop over time inside one OpenMP region.
+//
+// Why: at the d2l size (T35, B32, H256) the recurrence is 70 products of 32 x 256 x 256 (forward and backward),
+// each ~30 us through MKL (whose sgemm takes its AVX2 path on these AMD CPUs) or oneDNN (~130 GFLOP/s: a call
+// costs more than its 2M multiply-adds), plus an elementwise pass per step and a fork/join per pass. Here:
+//   * W_hh is packed once per call into panels of 32 output columns, K x 32 floats each (a row is two
+//     zmm), so the inner loop reads it with two contiguous loads per k;
+//   * a micro-kernel computes an MR x 32 block (MR <= 8 rows: 16 zmm accumulators; each k costs two loads
+//     and MR broadcast-FMA pairs), the rows of A read straight from h_{t-1} (forward) or dpre_{t+1} (backward);
+//   * the epilogue runs on the accumulators before they leave registers: forward h = act(acc + proj_t) with
+//     proj_t read from (and h written to) out[t]; backward g = (acc + dout_t) * act'(h_t);
+//   * the threads split the (panel, row tile) blocks panel-major, so each keeps its panels of W_hh in its own
+//     L1/L2 for all T steps; one barrier per step publishes h_t (or dpre_t) to the other threads.
+//
+// The math of the backward (dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t)) is written once, in rnn.cpp.
+#include "cpu/rnn_recurrence.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMOPS_NO_CLONES)
+#define MMOPS_RNN_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace mmops::cpu {
+
+namespace {
+constexpr int64_t kPanel = 32;  // output columns per panel: two zmm
+constexpr int kMaxRows = 8;     // rows per micro-kernel block: 8 x 2 accumulators + 2 panel loads + 1 broadcast
+// Each thread takes at least this many multiply-adds per step: below it the barrier (~1 us) costs more than the
+// thread saves (at B32 H64, 131K per step, one thread is faster).
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 18;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int team_size(int64_t B, int64_t H, int num_threads) {
+  const int64_t blocks = ceil_div(H, kPanel) * ceil_div(B, kMaxRows);
+  const int64_t by_work = std::max<int64_t>(1, B * H * H / kMinMacsPerThread);
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks, by_work})));
+}
+}  // namespace
+
+int64_t rnn_packed_floats(int64_t H) { return ceil_div(H, kPanel) * H * kPanel; }
+
+void rnn_pack_weight(const float* w, int64_t H, bool transpose, float* packed, int num_threads) {
+  // panel p, row k, lane c: forward W[p*32 + c][k] (C = A W^T), backward W[k][p*32 + c] (C = A W); zero past H.
+  const int64_t panels = ceil_div(H, kPanel);
+#pragma omp parallel for num_threads(std::max(1, std::min<int>(num_threads, int(panels)))) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    float* P = packed + p * H * kPanel;
+    for (int64_t k = 0; k < H; ++k)
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t j = p * kPanel + c;
+        P[k * kPanel + c] = j < H ? (transpose ? w[j * H + k] : w[k * H + j]) : 0.0f;
+      }
+  }
+}
+
+#ifdef MMOPS_RNN_AVX512
+#define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+namespace {
+
+// simd::tanh (simd.h) lane-wise: the same odd rational approximation; NaN kept (min/max return their second
+// operand when one is NaN, so x goes second).
+MMOPS_AVX512 __m512 tanh_avx512(__m512 x) {
+  const __m512 c = _mm512_set1_ps(7.90531110763549805f);
+  const __m512 xc = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), c), _mm512_min_ps(c, x));
+  const __m512 x2 = _mm512_mul_ps(xc, xc);
+  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
+  p = _mm512_mul_ps(p, xc);
+  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
+  const __m512 r = _mm512_div_ps(p, q);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(r, tiny, x);
+}
+
+// acc[r][0..1] += sum_k a[r * a_rs + k * a_ks] * panel[k * p_ks + (0..31)] for the MR rows of a block; the
+// panel's lanes outside `m` read as 0 (masked loads: nothing past the matrix is touched).
+struct ColumnMask {
+  __mmask16 lo, hi;
+};
+template <int MR>
+MMOPS_AVX512 void block_product(const float* a, int64_t a_rs, int64_t a_ks, const float* panel, int64_t p_ks,
+                                int64_t K, ColumnMask m, __m512 (&acc)[MR][2]) {
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const float* pk = panel + k * p_ks;
+    const __m512 p0 = _mm512_maskz_loadu_ps(m.lo, pk), p1 = _mm512_maskz_loadu_ps(m.hi, pk + 16);
+    const float* ak = a + k * a_ks;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(ak[r * a_rs]);
+      acc[r][0] = _mm512_fmadd_ps(ar, p0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(ar, p1, acc[r][1]);
+    }
+  }
+}
+
+// Lanes of a 32-column panel that fall inside the matrix: masks for its two halves.
+MMOPS_AVX512 ColumnMask column_mask(int64_t n) {  // n = valid columns in this panel, 1..32
+  const auto bits = [](int64_t m) { return __mmask16(m >= 16 ? 0xFFFF : (1u << m) - 1); };
+  return {bits(n), bits(n > 16 ? n - 16 : 0)};
+}
+
+// Forward epilogue, row r of the block: y = act(acc + y), y = out[t] at (row, c0).
+template <int kAct>
+MMOPS_AVX512 void forward_row(float* y, __m512 acc0, __m512 acc1, ColumnMask m) {
+  __m512 v0 = _mm512_add_ps(acc0, _mm512_maskz_loadu_ps(m.lo, y));
+  __m512 v1 = _mm512_add_ps(acc1, _mm512_maskz_loadu_ps(m.hi, y + 16));
+  if (kAct == 0) {
+    v0 = tanh_avx512(v0);
+    v1 = tanh_avx512(v1);
+  } else {  // relu: max(v, 0) with NaN kept (v second)
+    v0 = _mm512_max_ps(_mm512_setzero_ps(), v0);
+    v1 = _mm512_max_ps(_mm512_setzero_ps(), v1);
+  }
+  _mm512_mask_storeu_ps(y, m.lo, v0);
+  _mm512_mask_storeu_ps(y + 16, m.hi, v1);
+}
+
+// (acc + dout) * act'(h), act' from the activation's output: 1 - h^2 (tanh), [h > 0] (relu).
+template <int kAct>
+MMOPS_AVX512 __m512 grad_lanes(__m512 acc, __mmask16 m, const float* dout, const float* h) {
+  const __m512 s = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, dout));
+  const __m512 hv = _mm512_maskz_loadu_ps(m, h);
+  if (kAct == 0) return _mm512_mul_ps(s, _mm512_fnmadd_ps(hv, hv, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(hv, _mm512_setzero_ps(), _CMP_GT_OQ), s);
+}
+
+enum class Epilogue { kForward, kBackward, kStore };
+
+struct StepArgs {
+  const float* a;  // A: (B, H), the previous step's h (forward) or dpre (backward); null: A = 0
+  float* y;        // (B, H): forward out[t] (proj in, h out); backward dpre[t]; store: the product
+  const float* dout;  // backward: dout[t]
+  const float* h;     // backward: h[t]
+  const float* packed;
+  int64_t B, H;
+};
+
+template <Epilogue kEp, int kAct, int MR>
+MMOPS_AVX512 void step_block(const StepArgs& s, int64_t row0, int64_t p) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  // the packed panel is zero past H: its loads need no mask
+  if (s.a) block_product<MR>(s.a + row0 * s.H, s.H, 1, s.packed + p * s.H * kPanel, kPanel, s.H, {0xFFFF, 0xFFFF}, acc);
+  const int64_t c0 = p * kPanel;
+  const ColumnMask m = column_mask(std::min<int64_t>(kPanel, s.H - c0));
+  for (int r = 0; r < MR; ++r) {
+    const int64_t o = (row0 + r) * s.H + c0;
+    if (kEp == Epilogue::kForward) {
+      forward_row<kAct>(s.y + o, acc[r][0], acc[r][1], m);
+    } else if (kEp == Epilogue::kBackward) {
+      _mm512_mask_storeu_ps(s.y + o, m.lo, grad_lanes<kAct>(acc[r][0], m.lo, s.dout + o, s.h + o));
+      _mm512_mask_storeu_ps(s.y + o + 16, m.hi, grad_lanes<kAct>(acc[r][1], m.hi, s.dout + o + 16, s.h + o + 16));
+    } else {
+      _mm512_mask_storeu_ps(s.y + o, m.lo, acc[r][0]);
+      _mm512_mask_storeu_ps(s.y + o + 16, m.hi, acc[r][1]);
+    }
+  }
+}
+
+// One step's blocks [i0, i1) of this thread; block i is panel i / row_tiles, rows of tile i % row_tiles.
+template <Epilogue kEp, int kAct>
+__attribute__((target("avx512f"))) void step_blocks(const StepArgs& s, int64_t i0, int64_t i1) {
+  const int64_t row_tiles = ceil_div(s.B, kMaxRows);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t p = i / row_tiles, row0 = (i % row_tiles) * kMaxRows;
+    switch (std::min<int64_t>(kMaxRows, s.B - row0)) {
+      case 8: step_block<kEp, kAct, 8>(s, row0, p); break;
+      case 7: step_block<kEp, kAct, 7>(s, row0, p); break;
+      case 6: step_block<kEp, kAct, 6>(s, row0, p); break;
+      case 5: step_block<kEp, kAct, 5>(s, row0, p); break;
+      case 4: step_block<kEp, kAct, 4>(s, row0, p); break;
+      case 3: step_block<kEp, kAct, 3>(s, row0, p); break;
+      case 2: step_block<kEp, kAct, 2>(s, row0, p); break;
+      default: step_block<kEp, kAct, 1>(s, row0, p); break;
+    }
+  }
+}
+
+template <Epilogue kEp>
+void step_blocks(int64_t act, const StepArgs& s, int64_t i0, int64_t i1) {
+  if (act == 0) step_blocks<kEp, 0>(s, i0, i1);
+  else step_blocks<kEp, 1>(s, i0, i1);
+}
+
+// This thread's share [i0, i1) of a step's blocks: contiguous and panel-major, the same every step.
+struct Share {
+  int64_t i0, i1;
+};
+Share my_share(int64_t B, int64_t H) {
+  const int64_t blocks = ceil_div(H, kPanel) * ceil_div(B, kMaxRows);
+  const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+  return {blocks * t / n, blocks * (t + 1) / n};
+}
+
+// ---- dW = sum_s G_s^T P_s: the weight gradients as one pass over all rows ------------------------------------
+// C (M, N) = sum over the rows r of every segment of G[r]^T P[r] (G rows of M, P rows of N). A block of C is 8
+// rows x 32 columns in registers: per row r, 8 contiguous floats of G[r] are broadcast and one 32-float stretch
+// of P[r] loaded, i.e. block_product with a = G (row stride 1, k stride ldg) and the panel read in place from P
+// (k stride ldp), no packing. The rows go in chunks of kRowChunk (the chunk's G and P stay in L2 while the
+// blocks walk them, each block's stretch of P in L1 across the 8-row blocks of one panel); C is read back and
+// added between chunks. Threads own disjoint blocks of C, so they never synchronise.
+constexpr int64_t kRowChunk = 256;
+
+template <int MR>
+MMOPS_AVX512 void weight_grad_block(const float* g, int64_t ldg, const float* p, int64_t ldp, int64_t rows,
+                                    float* c, int64_t ldc, ColumnMask m, bool first) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.lo, c + r * ldc);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.hi, c + r * ldc + 16);
+  }
+  block_product<MR>(g, 1, ldg, p, ldp, rows, m, acc);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m.lo, acc[r][0]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m.hi, acc[r][1]);
+  }
+}
+
+__attribute__((target("avx512f"))) void weight_grad_blocks(const RowSegment& seg, int64_t r0, int64_t r1,
+                                                           int64_t M, int64_t N, float* C, bool first, int64_t i0,
+                                                           int64_t i1) {
+  const int64_t row_tiles = ceil_div(M, kMaxRows);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t pnl = i / row_tiles, j0 = (i % row_tiles) * kMaxRows, c0 = pnl * kPanel;
+    const float* g = seg.g + r0 * seg.ldg + j0;
+    const float* p = seg.p + r0 * seg.ldp + c0;
+    float* c = C + j0 * N + c0;
+    const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
+    const int64_t rows = r1 - r0;
+    switch (std::min<int64_t>(kMaxRows, M - j0)) {
+      case 8: weight_grad_block<8>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 7: weight_grad_block<7>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 6: weight_grad_block<6>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 5: weight_grad_block<5>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 4: weight_grad_block<4>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 3: weight_grad_block<3>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      case 2: weight_grad_block<2>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+      default: weight_grad_block<1>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
+    }
+  }
+}
+
+}  // namespace
+
+void rnn_weight_grad(const RowSegment* segments, int num_segments, int64_t M, int64_t N, float* C, int num_threads) {
+  const int64_t blocks = ceil_div(N, kPanel) * ceil_div(M, kMaxRows);
+  int64_t macs = 0;
+  for (int s = 0; s < num_segments; ++s) macs += segments[s].rows * M * N;
+  const int team = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks,
+                                                                std::max<int64_t>(1, macs / kMinMacsPerThread)})));
+#pragma omp parallel num_threads(team)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t i0 = blocks * t / n, i1 = blocks * (t + 1) / n;
+    bool first = true;
+    for (int s = 0; s < num_segments; ++s)
+      for (int64_t r0 = 0; r0 < segments[s].rows; r0 += kRowChunk) {
+        weight_grad_blocks(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, i0, i1);
+        first = false;
+      }
+    if (first)  // no rows at all: C = 0
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row_tiles = ceil_div(M, kMaxRows);
+        const int64_t j0 = (i % row_tiles) * kMaxRows, c0 = (i / row_tiles) * kPanel;
+        for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
+          std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
+      }
+  }
+}
+
+bool rnn_recurrence_available() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+void rnn_recurrence_forward(float* out, const float* h0, const float* packed, int64_t T, int64_t B, int64_t H,
+                            int64_t act, int num_threads) {
+  const int64_t BH = B * H;
+#pragma omp parallel num_threads(team_size(B, H, num_threads))
+  {
+    const Share sh = my_share(B, H);
+    for (int64_t t = 0; t < T; ++t) {
+      const StepArgs s{t == 0 ? h0 : out + (t - 1) * BH, out + t * BH, nullptr, nullptr, packed, B, H};
+      step_blocks<Epilogue::kForward>(act, s, sh.i0, sh.i1);
+#pragma omp barrier
+    }
+  }
+}
+
+void rnn_recurrence_backward(float* dpre, const float* dout, const float* h, const float* packed, float* dhx,
+                             int64_t T, int64_t B, int64_t H, int64_t act, int num_threads) {
+  const int64_t BH = B * H;
+#pragma omp parallel num_threads(team_size(B, H, num_threads))
+  {
+    const Share sh = my_share(B, H);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const StepArgs s{t == T - 1 ? nullptr : dpre + (t + 1) * BH, dpre + t * BH, dout + t * BH, h + t * BH, packed,
+                       B, H};
+      step_blocks<Epilogue::kBackward>(act, s, sh.i0, sh.i1);
+#pragma omp barrier
+    }
+    if (dhx) step_blocks<Epilogue::kStore>(act, StepArgs{dpre, dhx, nullptr, nullptr, packed, B, H}, sh.i0, sh.i1);
+  }
+}
+
+#else  // no AVX-512 kernel in this build: rnn.cpp keeps its matmul-per-step loop
+
+bool rnn_recurrence_available() { return false; }
+void rnn_recurrence_forward(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int) {}
+void rnn_recurrence_backward(float*, const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                             int64_t, int) {}
+void rnn_weight_grad(const RowSegment*, int, int64_t, int64_t, float*, int) {}
+
+#endif
+
+}  // namespace mmops::cpu
