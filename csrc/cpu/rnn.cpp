@@ -140,14 +140,18 @@ Tensor packed_weight(const Tensor& w, const Tensor& like_x) {
   return call_boxed(*onednn().reorder, {w.contiguous(), c10::IValue(like_x.size(0))});
 }
 
-// ---- float32 recurrences below oneDNN's size: the hand-written AVX-512 step kernel (rnn_recurrence.cpp) ---
-// One OpenMP region for the whole loop over time, W_hh packed once per call, the epilogue fused into the product.
-// MMOPS_NO_STEP_KERNEL=1 falls back to the matmul-per-step loop (read per call, so a benchmark can compare both).
-bool use_step_kernel(at::ScalarType dtype, bool dnn) {
-  if (dtype != at::kFloat || dnn || !cpu::rnn_recurrence_available()) return false;
+// ---- float32 on AVX-512: the hand-written kernels of rnn_recurrence.cpp ----------------------------------------
+// The step kernel (recurrences below oneDNN's size): one OpenMP region for the whole loop over time, W_hh packed
+// once per call, the epilogue fused into the product. The weight-gradient kernel (every float32 size): dW_hh and
+// dW_ih as one pass over the rows of dpre and h / x in place; through MKL or oneDNN these are products of
+// transposed operands, which oneDNN first copies (at T64 B128 H512: 7 copies of 2 ms per fwd+bwd).
+// MMOPS_NO_STEP_KERNEL=1 turns both off (read per call, so a benchmark can compare both in one process).
+bool use_avx512_kernels(at::ScalarType dtype) {
+  if (dtype != at::kFloat || !cpu::rnn_recurrence_available()) return false;
   const char* off = std::getenv("MMOPS_NO_STEP_KERNEL");
   return !(off && std::string(off) == "1");
 }
+bool use_step_kernel(at::ScalarType dtype, bool dnn) { return !dnn && use_avx512_kernels(dtype); }
 
 Tensor step_kernel_weight(const Tensor& w_hh, bool transpose) {
   const int64_t H = w_hh.size(0);
@@ -367,7 +371,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   const Tensor dpre2d = dpre.view({TB, H});
   const Tensor h0 = hx.contiguous();
   if (output_mask[1] && !step_kernel) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
-  if (output_mask[3] && step_kernel) {
+  const bool grad_kernel = use_avx512_kernels(w_ih.scalar_type());
+  if (output_mask[3] && grad_kernel) {
     // dW_hh = sum_t dpre_t^T h_{t-1}: step 0's rows against hx, steps 1.. against output[:-1], one pass
     d_w_hh = at::empty({H, H}, w_ih.options());
     const float* gp = dpre.const_data_ptr<float>();
@@ -389,7 +394,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
     if (output_mask[0]) d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
-    if (output_mask[2] && step_kernel) {  // dW_ih = sum_t dpre_t^T x_t, one pass
+    if (output_mask[2] && grad_kernel) {  // dW_ih = sum_t dpre_t^T x_t, one pass
       d_w_ih = at::empty({H, d.I}, w_ih.options());
       const cpu::RowSegment seg{dpre.const_data_ptr<float>(), H, x2d.const_data_ptr<float>(), d.I, TB};
       cpu::rnn_weight_grad(&seg, 1, H, d.I, d_w_ih.mutable_data_ptr<float>(), at::get_num_threads());
