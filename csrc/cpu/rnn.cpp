@@ -18,6 +18,14 @@
 // Only the (B, H) x (H, H) matmul of the recurrence stays inside the loop, forward and backward: every
 // weight gradient is one large matmul over all steps, not T small ones.
 // The cell (nn.RNNCell) is the same kernel with T = 1.
+//
+// Who computes what (float32 on an AVX-512 CPU; the rest -- float64, other CPUs, MMOPS_NO_STEP_KERNEL=1 -- takes
+// at::mm / addmm, i.e. MKL, per step):
+//   recurrence, B*H*H < 16M and T >= 2   the step kernel of rnn_recurrence.cpp (product + epilogue, one OpenMP
+//                                        region for all steps)
+//   recurrence, B*H*H >= 16M             oneDNN per step, W_hh packed once (use_onednn)
+//   dW_hh, dW_ih (float input)           the weight-gradient kernel of rnn_recurrence.cpp (one pass over all rows)
+//   input projection, d_input, d_hx      MKL or oneDNN (d_hx: the step kernel's last pass when it ran)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -151,7 +159,11 @@ bool use_avx512_kernels(at::ScalarType dtype) {
   const char* off = std::getenv("MMOPS_NO_STEP_KERNEL");
   return !(off && std::string(off) == "1");
 }
-bool use_step_kernel(at::ScalarType dtype, bool dnn) { return !dnn && use_avx512_kernels(dtype); }
+// From two steps on: packing W_hh costs more than one step gains (the cell, T = 1: 290 vs 273 us fwd+bwd at B32
+// H256; T = 2: 360 vs 410 us; measured interleaved).
+bool use_step_kernel(at::ScalarType dtype, bool dnn, int64_t T) {
+  return T >= 2 && !dnn && use_avx512_kernels(dtype);
+}
 
 Tensor step_kernel_weight(const Tensor& w_hh, bool transpose) {
   const int64_t H = w_hh.size(0);
@@ -288,7 +300,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // activation runs in place; with oneDNN (W_hh packed once, from 3 steps on) the matmul + proj_t lands in a
   // fresh (B, H) block and the activation writes out[t] from it.
   const Tensor h0 = hx.contiguous();
-  if (use_step_kernel(w_ih.scalar_type(), dnn)) {
+  if (use_step_kernel(w_ih.scalar_type(), dnn, d.T)) {
     const Tensor packed = step_kernel_weight(w_hh, /*transpose=*/true);
     cpu::rnn_recurrence_forward(out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
                                 packed.const_data_ptr<float>(), d.T, d.B, d.H, act, at::get_num_threads());
@@ -339,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
   // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
-  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn);
+  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn, d.T);
   const Tensor w_step = step_kernel ? step_kernel_weight(w_hh, /*transpose=*/false)
                         : dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
 
