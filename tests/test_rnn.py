@@ -156,6 +156,31 @@ def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, toke
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_float32_kernels_any_thread_count(threads):
+    """The step and weight-gradient kernels split their blocks by the team's size: 3 threads (each with blocks of
+    two panels, row and column tails: B = 30, H = 170 -> 4 x 6 blocks per step, 867K multiply-adds, enough for
+    3 threads) and one thread give nn.RNN's result in float64."""
+    T, B, I, H = 12, 30, 10, 170
+    torch.manual_seed(5)
+    ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, dtype=torch.float32)
+    ref = ref.double()
+    x, h0, go = torch.randn(T, B, I), torch.randn(1, B, H), torch.randn(T, B, H)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for m, xi, hi in ((ref, x.double(), h0.double()), (ours, x, h0)):
+            xi, hi = xi.clone().requires_grad_(), hi.clone().requires_grad_()
+            out, h_n = m(xi, hi)
+            (out * go.to(out.dtype)).sum().backward()
+            results.append([out, hi.grad, xi.grad] + _grads(m))
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a.detach(), e.detach().float(), rtol=1e-3, atol=1e-3)
+
+
 def test_unbatched_input_matches_nn_rnn():
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, 4, 6, num_layers=2, dtype=torch.float64)
     x, h0 = torch.randn(7, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
