@@ -1,5 +1,6 @@
 // The float32 recurrence of mmops.rnn on AVX-512: every step's (B, H) x (H, H) product and its epilogue in one
-// hand-written kernel, the whole loop over time inside one OpenMP region.
+// hand-written kernel, the whole loop over time inside one OpenMP region. Below it, the weight-gradient kernel
+// (dW_hh, dW_ih as one pass over all rows) built on the same micro-kernel.
 //
 // Why: at the d2l size (T35, B32, H256) the recurrence is 70 products of 32 x 256 x 256 (forward and backward),
 // each ~30 us through MKL (whose sgemm takes its AVX2 path on these AMD CPUs) or oneDNN (~130 GFLOP/s: a call
@@ -12,6 +13,8 @@
 //     proj_t read from (and h written to) out[t]; backward g = (acc + dout_t) * act'(h_t);
 //   * the threads split the (panel, row tile) blocks panel-major, so each keeps its panels of W_hh in its own
 //     L1/L2 for all T steps; one barrier per step publishes h_t (or dpre_t) to the other threads.
+// Measured at B32 H256 (this project's 2-core Zen 5 VM): 12-20 us a step on 2 threads, ~22 us (~190 GFLOP/s) on
+// one; T35 fwd+bwd of mmops.nn.RNN 2.7-2.8 ms vs 4.2 ms for the matmul-per-step loop (interleaved, MMOPS_NO_STEP_KERNEL).
 //
 // The math of the backward (dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t)) is written once, in rnn.cpp.
 #include "cpu/rnn_recurrence.h"
