@@ -14,7 +14,7 @@
 //   * the threads split the (panel, row tile) blocks panel-major, so each keeps its panels of W_hh in its own
 //     L1/L2 for all T steps; one barrier per step publishes h_t (or dpre_t) to the other threads.
 // Measured at B32 H256 (this project's 2-core Zen 5 VM): 12-20 us a step on 2 threads, ~22 us (~190 GFLOP/s) on
-// one; T35 fwd+bwd of mmops.nn.RNN 2.7-2.8 ms vs 4.2 ms for the matmul-per-step loop (interleaved, MMOPS_NO_STEP_KERNEL).
+// one; T35 fwd+bwd of mmops.nn.RNN 2.7-2.8 ms vs 4.2 ms with a matmul per step (interleaved; MMOPS_NO_STEP_KERNEL=1).
 //
 // The math of the backward (dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t)) is written once, in rnn.cpp.
 #include "cpu/rnn_recurrence.h"
