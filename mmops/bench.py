@@ -279,12 +279,12 @@ def _syncbn_worker(rank, world, init_file, out_file, N, C, steps):
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump({"step_s": total / steps, "comm_s": MF.COMM_SECONDS[0] / steps}, f)
-        from .train import _ddp_teardown
-
-        del bn, x, go
-        _ddp_teardown(dist)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from .train import end_spawned_worker
+
+    end_spawned_worker(dist)
 
 
 SYNCBN_SIZES = [(2, 4096, 200), (4, 4096, 200), (2, 32768, 200), (4, 32768, 200)]

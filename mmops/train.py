@@ -108,20 +108,23 @@ def _ddp_worker(rank: int, world: int, init_file: str, args, out_file: str) -> N
         if rank == 0:
             with open(out_file, "wb") as f:
                 pickle.dump(res, f)
-        _ddp_teardown(dist)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_spawned_worker(dist)
 
 
-def _ddp_teardown(dist) -> None:
-    """Before destroy_process_group on the success path: free the DDP module (its hooks form reference cycles, so
-    without a collection it and its reference to the gloo group live until interpreter shutdown, where freeing gloo's
-    worker threads can abort the process: CI saw `terminate called without an active exception` in the rank that
-    finished first), then wait for every rank, so no rank tears its connections down while another still runs."""
-    import gc
-
-    gc.collect()
+def end_spawned_worker(dist) -> None:
+    """The success path's end of a spawned worker: wait for every rank (no rank tears its gloo connections down
+    while another still runs), destroy the process group, and leave the process with os._exit(0). CI once saw a
+    rank that had finished first abort in C++ (`terminate called without an active exception`, the message of a
+    std::thread destroyed while joinable) after its work was done; torch's own reports of it come from teardown
+    at interpreter exit, which os._exit skips. Everything a worker produces is written (and flushed) before."""
     dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train_ddp(args) -> dict:

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import mmops
 import mmops.nn
 from mmops._ops import ops
+from mmops.train import end_spawned_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -40,8 +41,10 @@ def _equality_worker(rank, world, init_file, out_dir, sizes, bessel, activation,
         dist.all_reduce(grads)  # what DDP does (up to its 1/world)
         torch.save({"y": y.detach(), "dx": x.grad, "dw": grads[:C], "db": grads[C:], "rm": bn.running_mean,
                     "rv": bn.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_spawned_worker(dist)  # barrier, destroy, os._exit(0): see mmops/train.py
 
 
 def _spawn(fn, world, *args):
