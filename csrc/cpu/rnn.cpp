@@ -165,11 +165,14 @@ bool use_step_kernel(at::ScalarType dtype, bool dnn, int64_t T) {
   return T >= 2 && !dnn && use_avx512_kernels(dtype);
 }
 
-Tensor step_kernel_weight(const Tensor& w_hh, bool transpose) {
-  const int64_t H = w_hh.size(0);
-  Tensor packed = at::empty({cpu::rnn_packed_floats(H)}, w_hh.options());
-  cpu::rnn_pack_weight(w_hh.contiguous().const_data_ptr<float>(), H, transpose, packed.mutable_data_ptr<float>(),
-                       at::get_num_threads());
+// B = w (transpose false) or w^T (true), w a (rows, cols) matrix, packed into the kernels' 32-column panels.
+Tensor kernel_panels(const Tensor& w, bool transpose) {
+  const Tensor wc = w.contiguous();
+  const int64_t rows = wc.size(0), cols = wc.size(1);
+  const int64_t K = transpose ? cols : rows, N = transpose ? rows : cols;  // B (K, N); B(k, n) = w[k][n] or w[n][k]
+  Tensor packed = at::empty({cpu::rnn_packed_floats(K, N)}, w.options());
+  cpu::rnn_pack_panels(wc.const_data_ptr<float>(), K, N, transpose ? 1 : cols, transpose ? cols : 1,
+                       packed.mutable_data_ptr<float>(), at::get_num_threads());
   return packed;
 }
 
@@ -271,6 +274,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   Tensor out = at::empty({d.T, d.B, d.H}, w_ih.options());
   if (TB == 0 || d.H == 0) return out;
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, d.H);
+  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn, d.T);
   std::optional<Tensor> bias;  // b_ih + b_hh, added once with the input projection
   if (has(b_ih) && has(b_hh)) bias = at::add(*b_ih, *b_hh);
   else if (has(b_ih)) bias = *b_ih;
@@ -279,7 +283,15 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // 1. input projection of every step, into the output buffer
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
-    out = linear_nt_bias(dnn, x2d, w_ih, bias).view({d.T, d.B, d.H});  // a fresh contiguous (T*B, H) buffer
+    if (step_kernel) {
+      const Tensor bias_c = bias ? bias->contiguous() : Tensor();
+      cpu::rnn_packed_product(x2d.const_data_ptr<float>(), TB, d.I, d.I,
+                              kernel_panels(w_ih, /*transpose=*/true).const_data_ptr<float>(), d.H,
+                              bias ? bias_c.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+                              at::get_num_threads());
+    } else {
+      out = linear_nt_bias(dnn, x2d, w_ih, bias).view({d.T, d.B, d.H});  // a fresh contiguous (T*B, H) buffer
+    }
   } else {
     const Tensor tok = checked_tokens(input, d.I, "mmops.rnn");
     const Tensor w_t = w_ih.t().contiguous();  // (I, H): token k's projection is row k
@@ -300,8 +312,8 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   // activation runs in place; with oneDNN (W_hh packed once, from 3 steps on) the matmul + proj_t lands in a
   // fresh (B, H) block and the activation writes out[t] from it.
   const Tensor h0 = hx.contiguous();
-  if (use_step_kernel(w_ih.scalar_type(), dnn, d.T)) {
-    const Tensor packed = step_kernel_weight(w_hh, /*transpose=*/true);
+  if (step_kernel) {
+    const Tensor packed = kernel_panels(w_hh, /*transpose=*/true);
     cpu::rnn_recurrence_forward(out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
                                 packed.const_data_ptr<float>(), d.T, d.B, d.H, act, at::get_num_threads());
     return out;
@@ -352,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
   const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn, d.T);
-  const Tensor w_step = step_kernel ? step_kernel_weight(w_hh, /*transpose=*/false)
+  const Tensor w_step = step_kernel ? kernel_panels(w_hh, /*transpose=*/false)
                         : dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
 
   if (step_kernel) {
@@ -405,7 +417,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   if (output_mask[4]) d_b = at::sum(dpre2d, 0);
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
-    if (output_mask[0]) d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
+    if (output_mask[0] && step_kernel) {  // d_input = dpre W_ih
+      d_input = at::empty({d.T, d.B, d.I}, w_ih.options());
+      cpu::rnn_packed_product(dpre.const_data_ptr<float>(), TB, H, H,
+                              kernel_panels(w_ih, /*transpose=*/false).const_data_ptr<float>(), d.I, nullptr,
+                              d_input.mutable_data_ptr<float>(), at::get_num_threads());
+    } else if (output_mask[0]) {
+      d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
+    }
     if (output_mask[2] && grad_kernel) {  // dW_ih = sum_t dpre_t^T x_t, one pass
       d_w_ih = at::empty({H, d.I}, w_ih.options());
       const cpu::RowSegment seg{dpre.const_data_ptr<float>(), H, x2d.const_data_ptr<float>(), d.I, TB};

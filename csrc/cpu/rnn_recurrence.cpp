@@ -46,24 +46,37 @@ int team_size(int64_t B, int64_t H, int num_threads) {
 }
 }  // namespace
 
-int64_t rnn_packed_floats(int64_t H) { return ceil_div(H, kPanel) * H * kPanel; }
+int64_t rnn_packed_floats(int64_t K, int64_t N) { return ceil_div(N, kPanel) * K * kPanel; }
 
-void rnn_pack_weight(const float* w, int64_t H, bool transpose, float* packed, int num_threads) {
-  // panel p, row k, lane c: forward W[p*32 + c][k] (C = A W^T), backward W[k][p*32 + c] (C = A W); zero past H.
-  const int64_t panels = ceil_div(H, kPanel);
+void rnn_pack_panels(const float* b, int64_t K, int64_t N, int64_t sk, int64_t sn, float* packed, int num_threads) {
+  // panel p, row k, lane c: B(k, p*32 + c) = b[k * sk + (p*32 + c) * sn], zero past N
+  const int64_t panels = ceil_div(N, kPanel);
 #pragma omp parallel for num_threads(std::max(1, std::min<int>(num_threads, int(panels)))) schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
-    float* P = packed + p * H * kPanel;
-    for (int64_t k = 0; k < H; ++k)
+    float* P = packed + p * K * kPanel;
+    for (int64_t k = 0; k < K; ++k)
       for (int64_t c = 0; c < kPanel; ++c) {
-        const int64_t j = p * kPanel + c;
-        P[k * kPanel + c] = j < H ? (transpose ? w[j * H + k] : w[k * H + j]) : 0.0f;
+        const int64_t n = p * kPanel + c;
+        P[k * kPanel + c] = n < N ? b[k * sk + n * sn] : 0.0f;
       }
   }
 }
 
 #ifdef MMOPS_RNN_AVX512
 #define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+// BLOCK(MR) with MR = n (1..8), the rows of a block, as a compile-time constant: the accumulators are arrays that
+// stay in registers only when every index is one. (A macro, since lambdas do not inherit the target attribute.)
+#define MMOPS_WITH_ROWS(n, BLOCK) \
+  switch (n) {                    \
+    case 8: BLOCK(8); break;      \
+    case 7: BLOCK(7); break;      \
+    case 6: BLOCK(6); break;      \
+    case 5: BLOCK(5); break;      \
+    case 4: BLOCK(4); break;      \
+    case 3: BLOCK(3); break;      \
+    case 2: BLOCK(2); break;      \
+    default: BLOCK(1); break;     \
+  }
 
 namespace {
 
@@ -181,16 +194,9 @@ __attribute__((target("avx512f"))) void step_blocks(const StepArgs& s, int64_t i
   const int64_t row_tiles = ceil_div(s.B, kMaxRows);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t p = i / row_tiles, row0 = (i % row_tiles) * kMaxRows;
-    switch (std::min<int64_t>(kMaxRows, s.B - row0)) {
-      case 8: step_block<kEp, kAct, 8>(s, row0, p); break;
-      case 7: step_block<kEp, kAct, 7>(s, row0, p); break;
-      case 6: step_block<kEp, kAct, 6>(s, row0, p); break;
-      case 5: step_block<kEp, kAct, 5>(s, row0, p); break;
-      case 4: step_block<kEp, kAct, 4>(s, row0, p); break;
-      case 3: step_block<kEp, kAct, 3>(s, row0, p); break;
-      case 2: step_block<kEp, kAct, 2>(s, row0, p); break;
-      default: step_block<kEp, kAct, 1>(s, row0, p); break;
-    }
+#define STEP_BLOCK(MR) step_block<kEp, kAct, MR>(s, row0, p)
+    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.B - row0), STEP_BLOCK)
+#undef STEP_BLOCK
   }
 }
 
@@ -245,16 +251,44 @@ __attribute__((target("avx512f"))) void weight_grad_blocks(const RowSegment& seg
     float* c = C + j0 * N + c0;
     const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
     const int64_t rows = r1 - r0;
-    switch (std::min<int64_t>(kMaxRows, M - j0)) {
-      case 8: weight_grad_block<8>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 7: weight_grad_block<7>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 6: weight_grad_block<6>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 5: weight_grad_block<5>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 4: weight_grad_block<4>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 3: weight_grad_block<3>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      case 2: weight_grad_block<2>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-      default: weight_grad_block<1>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first); break;
-    }
+#define GRAD_BLOCK(MR) weight_grad_block<MR>(g, seg.ldg, p, seg.ldp, rows, c, N, m, first)
+    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, M - j0), GRAD_BLOCK)
+#undef GRAD_BLOCK
+  }
+}
+
+// ---- C = A B + bias with B packed: the input projection (x W_ih^T + b) and d_input (dpre W_ih) ---------------
+struct ProductArgs {
+  const float* a;  // (M, K), rows lda apart
+  int64_t lda, M, K;
+  const float* packed;  // B (K, N) by rnn_pack_panels
+  int64_t N;
+  const float* bias;  // (N,) or null
+  float* c;           // (M, N), contiguous
+};
+
+template <int MR>
+MMOPS_AVX512 void product_block(const ProductArgs& s, int64_t row0, int64_t p) {
+  const int64_t c0 = p * kPanel;
+  const ColumnMask m = column_mask(std::min<int64_t>(kPanel, s.N - c0));
+  const __m512 b0 = s.bias ? _mm512_maskz_loadu_ps(m.lo, s.bias + c0) : _mm512_setzero_ps();
+  const __m512 b1 = s.bias ? _mm512_maskz_loadu_ps(m.hi, s.bias + c0 + 16) : _mm512_setzero_ps();
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = b0, acc[r][1] = b1;
+  block_product<MR>(s.a + row0 * s.lda, s.lda, 1, s.packed + p * s.K * kPanel, kPanel, s.K, {0xFFFF, 0xFFFF}, acc);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(s.c + (row0 + r) * s.N + c0, m.lo, acc[r][0]);
+    _mm512_mask_storeu_ps(s.c + (row0 + r) * s.N + c0 + 16, m.hi, acc[r][1]);
+  }
+}
+
+__attribute__((target("avx512f"))) void product_blocks(const ProductArgs& s, int64_t i0, int64_t i1) {
+  const int64_t row_tiles = ceil_div(s.M, kMaxRows);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t p = i / row_tiles, row0 = (i % row_tiles) * kMaxRows;
+#define PRODUCT_BLOCK(MR) product_block<MR>(s, row0, p)
+    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.M - row0), PRODUCT_BLOCK)
+#undef PRODUCT_BLOCK
   }
 }
 
@@ -283,6 +317,19 @@ void rnn_weight_grad(const RowSegment* segments, int num_segments, int64_t M, in
         for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
           std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
       }
+  }
+}
+
+void rnn_packed_product(const float* a, int64_t M, int64_t K, int64_t lda, const float* packed, int64_t N,
+                        const float* bias, float* c, int num_threads) {
+  const int64_t blocks = ceil_div(N, kPanel) * ceil_div(M, kMaxRows);
+  const int team = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks,
+                                                                std::max<int64_t>(1, M * K * N / kMinMacsPerThread)})));
+  const ProductArgs s{a, lda, M, K, packed, N, bias, c};
+#pragma omp parallel num_threads(team)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    product_blocks(s, blocks * t / n, blocks * (t + 1) / n);
   }
 }
 
@@ -328,6 +375,7 @@ void rnn_recurrence_forward(float*, const float*, const float*, int64_t, int64_t
 void rnn_recurrence_backward(float*, const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
                              int64_t, int) {}
 void rnn_weight_grad(const RowSegment*, int, int64_t, int64_t, float*, int) {}
+void rnn_packed_product(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int) {}
 
 #endif
 

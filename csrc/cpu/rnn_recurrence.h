@@ -9,11 +9,16 @@ namespace mmops::cpu {
 // True where the kernels below can run (x86-64 built with GCC, and the CPU has AVX-512F).
 bool rnn_recurrence_available();
 
-// W_hh (H, H), row-major, packed once per call into 32-column panels for the step product:
-// forward (C = A W^T) with transpose = true, backward (C = A W) with transpose = false.
-// `packed` holds rnn_packed_floats(H) floats.
-int64_t rnn_packed_floats(int64_t H);
-void rnn_pack_weight(const float* w_hh, int64_t H, bool transpose, float* packed, int num_threads);
+// B (K, N), element (k, n) at b[k * sk + n * sn], packed into panels of 32 columns (K x 32 floats each, zero past
+// N) for the products below; `packed` holds rnn_packed_floats(K, N) floats. W_hh for the recurrence (K = N = H):
+// forward (C = A W_hh^T) sk = 1, sn = H; backward (C = A W_hh) sk = H, sn = 1.
+int64_t rnn_packed_floats(int64_t K, int64_t N);
+void rnn_pack_panels(const float* b, int64_t K, int64_t N, int64_t sk, int64_t sn, float* packed, int num_threads);
+
+// C (M, N) = A (M, K; rows lda apart) B + bias (N,; may be null), B packed by rnn_pack_panels, C contiguous:
+// the input projection x W_ih^T + b and d_input = dpre W_ih.
+void rnn_packed_product(const float* a, int64_t M, int64_t K, int64_t lda, const float* packed, int64_t N,
+                        const float* bias, float* c, int num_threads);
 
 // Forward: on entry out[t] (T, B, H) holds the input projection of step t (x_t W_ih^T + biases); on return
 // out[t] = act(out[t] + h_{t-1} W_hh^T), h_{-1} = h0 (B, H). act: 0 = tanh, 1 = relu.
