@@ -25,7 +25,9 @@
 //                                        region for all steps)
 //   recurrence, B*H*H >= 16M             oneDNN per step, W_hh packed once (use_onednn)
 //   dW_hh, dW_ih (float input)           the weight-gradient kernel of rnn_recurrence.cpp (one pass over all rows)
-//   input projection, d_input, d_hx      MKL or oneDNN (d_hx: the step kernel's last pass when it ran)
+//   input projection, d_input (float)    with the step kernel: its micro-kernel, W_ih packed (rnn_packed_product);
+//                                        otherwise MKL or oneDNN
+//   d_hx                                 the step kernel's last pass when it ran; otherwise MKL or oneDNN
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>

@@ -1,6 +1,6 @@
 // The float32 recurrence of mmops.rnn on AVX-512: every step's (B, H) x (H, H) product and its epilogue in one
-// hand-written kernel, the whole loop over time inside one OpenMP region. Below it, the weight-gradient kernel
-// (dW_hh, dW_ih as one pass over all rows) built on the same micro-kernel.
+// hand-written kernel, the whole loop over time inside one OpenMP region. Below it, on the same micro-kernel: the
+// weight-gradient kernel (dW_hh, dW_ih as one pass over all rows) and a packed product (input projection, d_input).
 //
 // Why: at the d2l size (T35, B32, H256) the recurrence is 70 products of 32 x 256 x 256 (forward and backward),
 // each ~30 us through MKL (whose sgemm takes its AVX2 path on these AMD CPUs) or oneDNN (~130 GFLOP/s: a call
