@@ -163,9 +163,7 @@ bool use_avx512_kernels(at::ScalarType dtype) {
 }
 // From two steps on: packing W_hh costs more than one step gains (the cell, T = 1: 290 vs 273 us fwd+bwd at B32
 // H256; T = 2: 360 vs 410 us; measured interleaved).
-bool use_step_kernel(at::ScalarType dtype, bool dnn, int64_t T) {
-  return T >= 2 && !dnn && use_avx512_kernels(dtype);
-}
+bool use_step_kernel(bool avx512_kernels, bool dnn, int64_t T) { return avx512_kernels && !dnn && T >= 2; }
 
 // B = w (transpose false) or w^T (true), w a (rows, cols) matrix, packed into the kernels' 32-column panels.
 Tensor kernel_panels(const Tensor& w, bool transpose) {
@@ -276,7 +274,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   Tensor out = at::empty({d.T, d.B, d.H}, w_ih.options());
   if (TB == 0 || d.H == 0) return out;
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, d.H);
-  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn, d.T);
+  const bool step_kernel = use_step_kernel(use_avx512_kernels(w_ih.scalar_type()), dnn, d.T);
   std::optional<Tensor> bias;  // b_ih + b_hh, added once with the input projection
   if (has(b_ih) && has(b_hh)) bias = at::add(*b_ih, *b_hh);
   else if (has(b_ih)) bias = *b_ih;
@@ -365,7 +363,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
   // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
   const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
-  const bool step_kernel = use_step_kernel(w_ih.scalar_type(), dnn, d.T);
+  const bool grad_kernel = use_avx512_kernels(w_ih.scalar_type());  // dW_hh, dW_ih: any float32 size
+  const bool step_kernel = use_step_kernel(grad_kernel, dnn, d.T);
   const Tensor w_step = step_kernel ? kernel_panels(w_hh, /*transpose=*/false)
                         : dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
 
@@ -397,7 +396,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
   const Tensor dpre2d = dpre.view({TB, H});
   const Tensor h0 = hx.contiguous();
   if (output_mask[1] && !step_kernel) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
-  const bool grad_kernel = use_avx512_kernels(w_ih.scalar_type());
   if (output_mask[3] && grad_kernel) {
     // dW_hh = sum_t dpre_t^T h_{t-1}: step 0's rows against hx, steps 1.. against output[:-1], one pass
     d_w_hh = at::empty({H, H}, w_ih.options());

@@ -39,10 +39,30 @@ constexpr int64_t kMinMacsPerThread = int64_t(1) << 18;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int team_size(int64_t B, int64_t H, int num_threads) {
-  const int64_t blocks = ceil_div(H, kPanel) * ceil_div(B, kMaxRows);
-  const int64_t by_work = std::max<int64_t>(1, B * H * H / kMinMacsPerThread);
+// The blocks of an (M, N) result, 8 rows x 32 columns each, numbered panel-major (block i: panel i / row_tiles,
+// rows from (i % row_tiles) * 8), so that a thread's contiguous share touches few panels.
+struct Blocks {
+  int64_t row_tiles, count;
+  Blocks(int64_t M, int64_t N) : row_tiles(ceil_div(M, kMaxRows)), count(ceil_div(N, kPanel) * row_tiles) {}
+  int64_t panel(int64_t i) const { return i / row_tiles; }
+  int64_t row0(int64_t i) const { return i % row_tiles * kMaxRows; }
+};
+
+// Threads for a product of `macs` multiply-adds over `blocks` blocks: at most one per block and per
+// kMinMacsPerThread.
+[[maybe_unused]] int team_size(int64_t blocks, int64_t macs, int num_threads) {
+  const int64_t by_work = std::max<int64_t>(1, macs / kMinMacsPerThread);
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks, by_work})));
+}
+
+// Inside a parallel region: this thread's share [i0, i1) of `count` blocks, contiguous and the same on every call
+// (so a thread keeps its panels of W_hh over all steps).
+struct Share {
+  int64_t i0, i1;
+};
+[[maybe_unused]] Share my_share(int64_t count) {
+  const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+  return {count * t / n, count * (t + 1) / n};
 }
 }  // namespace
 
@@ -188,12 +208,12 @@ MMOPS_AVX512 void step_block(const StepArgs& s, int64_t row0, int64_t p) {
   }
 }
 
-// One step's blocks [i0, i1) of this thread; block i is panel i / row_tiles, rows of tile i % row_tiles.
+// One step's blocks [i0, i1) of this thread (Blocks(B, H) numbering).
 template <Epilogue kEp, int kAct>
 __attribute__((target("avx512f"))) void step_blocks(const StepArgs& s, int64_t i0, int64_t i1) {
-  const int64_t row_tiles = ceil_div(s.B, kMaxRows);
+  const Blocks blocks(s.B, s.H);
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t p = i / row_tiles, row0 = (i % row_tiles) * kMaxRows;
+    const int64_t p = blocks.panel(i), row0 = blocks.row0(i);
 #define STEP_BLOCK(MR) step_block<kEp, kAct, MR>(s, row0, p)
     MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.B - row0), STEP_BLOCK)
 #undef STEP_BLOCK
@@ -204,16 +224,6 @@ template <Epilogue kEp>
 void step_blocks(int64_t act, const StepArgs& s, int64_t i0, int64_t i1) {
   if (act == 0) step_blocks<kEp, 0>(s, i0, i1);
   else step_blocks<kEp, 1>(s, i0, i1);
-}
-
-// This thread's share [i0, i1) of a step's blocks: contiguous and panel-major, the same every step.
-struct Share {
-  int64_t i0, i1;
-};
-Share my_share(int64_t B, int64_t H) {
-  const int64_t blocks = ceil_div(H, kPanel) * ceil_div(B, kMaxRows);
-  const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-  return {blocks * t / n, blocks * (t + 1) / n};
 }
 
 // ---- dW = sum_s G_s^T P_s: the weight gradients as one pass over all rows ------------------------------------
@@ -243,9 +253,9 @@ MMOPS_AVX512 void weight_grad_block(const float* g, int64_t ldg, const float* p,
 __attribute__((target("avx512f"))) void weight_grad_blocks(const RowSegment& seg, int64_t r0, int64_t r1,
                                                            int64_t M, int64_t N, float* C, bool first, int64_t i0,
                                                            int64_t i1) {
-  const int64_t row_tiles = ceil_div(M, kMaxRows);
+  const Blocks blocks(M, N);
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t pnl = i / row_tiles, j0 = (i % row_tiles) * kMaxRows, c0 = pnl * kPanel;
+    const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
     const float* g = seg.g + r0 * seg.ldg + j0;
     const float* p = seg.p + r0 * seg.ldp + c0;
     float* c = C + j0 * N + c0;
@@ -283,9 +293,9 @@ MMOPS_AVX512 void product_block(const ProductArgs& s, int64_t row0, int64_t p) {
 }
 
 __attribute__((target("avx512f"))) void product_blocks(const ProductArgs& s, int64_t i0, int64_t i1) {
-  const int64_t row_tiles = ceil_div(s.M, kMaxRows);
+  const Blocks blocks(s.M, s.N);
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t p = i / row_tiles, row0 = (i % row_tiles) * kMaxRows;
+    const int64_t p = blocks.panel(i), row0 = blocks.row0(i);
 #define PRODUCT_BLOCK(MR) product_block<MR>(s, row0, p)
     MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.M - row0), PRODUCT_BLOCK)
 #undef PRODUCT_BLOCK
@@ -295,25 +305,22 @@ __attribute__((target("avx512f"))) void product_blocks(const ProductArgs& s, int
 }  // namespace
 
 void rnn_weight_grad(const RowSegment* segments, int num_segments, int64_t M, int64_t N, float* C, int num_threads) {
-  const int64_t blocks = ceil_div(N, kPanel) * ceil_div(M, kMaxRows);
+  const Blocks blocks(M, N);
   int64_t macs = 0;
   for (int s = 0; s < num_segments; ++s) macs += segments[s].rows * M * N;
-  const int team = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks,
-                                                                std::max<int64_t>(1, macs / kMinMacsPerThread)})));
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(team_size(blocks.count, macs, num_threads))
   {
-    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t i0 = blocks * t / n, i1 = blocks * (t + 1) / n;
+    const Share sh = my_share(blocks.count);
     bool first = true;
     for (int s = 0; s < num_segments; ++s)
       for (int64_t r0 = 0; r0 < segments[s].rows; r0 += kRowChunk) {
-        weight_grad_blocks(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, i0, i1);
+        weight_grad_blocks(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, sh.i0,
+                           sh.i1);
         first = false;
       }
     if (first)  // no rows at all: C = 0
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t row_tiles = ceil_div(M, kMaxRows);
-        const int64_t j0 = (i % row_tiles) * kMaxRows, c0 = (i / row_tiles) * kPanel;
+      for (int64_t i = sh.i0; i < sh.i1; ++i) {
+        const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
         for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
           std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
       }
@@ -322,14 +329,12 @@ void rnn_weight_grad(const RowSegment* segments, int num_segments, int64_t M, in
 
 void rnn_packed_product(const float* a, int64_t M, int64_t K, int64_t lda, const float* packed, int64_t N,
                         const float* bias, float* c, int num_threads) {
-  const int64_t blocks = ceil_div(N, kPanel) * ceil_div(M, kMaxRows);
-  const int team = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), blocks,
-                                                                std::max<int64_t>(1, M * K * N / kMinMacsPerThread)})));
+  const Blocks blocks(M, N);
   const ProductArgs s{a, lda, M, K, packed, N, bias, c};
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(team_size(blocks.count, M * K * N, num_threads))
   {
-    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-    product_blocks(s, blocks * t / n, blocks * (t + 1) / n);
+    const Share sh = my_share(blocks.count);
+    product_blocks(s, sh.i0, sh.i1);
   }
 }
 
@@ -341,9 +346,9 @@ bool rnn_recurrence_available() {
 void rnn_recurrence_forward(float* out, const float* h0, const float* packed, int64_t T, int64_t B, int64_t H,
                             int64_t act, int num_threads) {
   const int64_t BH = B * H;
-#pragma omp parallel num_threads(team_size(B, H, num_threads))
+#pragma omp parallel num_threads(team_size(Blocks(B, H).count, B * H * H, num_threads))
   {
-    const Share sh = my_share(B, H);
+    const Share sh = my_share(Blocks(B, H).count);
     for (int64_t t = 0; t < T; ++t) {
       const StepArgs s{t == 0 ? h0 : out + (t - 1) * BH, out + t * BH, nullptr, nullptr, packed, B, H};
       step_blocks<Epilogue::kForward>(act, s, sh.i0, sh.i1);
@@ -355,9 +360,9 @@ void rnn_recurrence_forward(float* out, const float* h0, const float* packed, in
 void rnn_recurrence_backward(float* dpre, const float* dout, const float* h, const float* packed, float* dhx,
                              int64_t T, int64_t B, int64_t H, int64_t act, int num_threads) {
   const int64_t BH = B * H;
-#pragma omp parallel num_threads(team_size(B, H, num_threads))
+#pragma omp parallel num_threads(team_size(Blocks(B, H).count, B * H * H, num_threads))
   {
-    const Share sh = my_share(B, H);
+    const Share sh = my_share(Blocks(B, H).count);
     for (int64_t t = T - 1; t >= 0; --t) {
       const StepArgs s{t == T - 1 ? nullptr : dpre + (t + 1) * BH, dpre + t * BH, dout + t * BH, h + t * BH, packed,
                        B, H};
