@@ -282,7 +282,7 @@ def batch_norm(
 # ---------------------------------------------------------------------------------------------------------
 # RNN: the cell and the whole sequence (BPTT in C++)
 # ---------------------------------------------------------------------------------------------------------
-NONLINEARITIES = {"tanh": 0, "relu": 1}
+NONLINEARITIES = {"tanh": 1, "relu": 2}  # the codes of ACTIVATIONS (csrc/cpu/simd.h)
 
 
 @torch.library.register_fake("mmops::rnn_forward")

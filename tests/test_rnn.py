@@ -330,14 +330,14 @@ def test_opcheck():
     x, h0 = torch.randn(T, B, I), torch.randn(B, H)
     w_ih, w_hh, b = torch.randn(H, I), torch.randn(H, H), torch.randn(H)
     tok = torch.randint(0, I, (T, B))
-    for args in [(x, h0, w_ih, w_hh, b, b, 0), (tok, h0, w_ih, w_hh, None, b, 1), (x, h0, w_ih, w_hh, None, None, 0)]:
+    for args in [(x, h0, w_ih, w_hh, b, b, 1), (tok, h0, w_ih, w_hh, None, b, 2), (x, h0, w_ih, w_hh, None, None, 1)]:
         torch.library.opcheck(ops.rnn_forward.default, args, test_utils=("test_schema", "test_faketensor"))
-    out = ops.rnn_forward(x, h0, w_ih, w_hh, b, b, 0)
+    out = ops.rnn_forward(x, h0, w_ih, w_hh, b, b, 1)
     go = torch.randn_like(out)
     for mask in ([True] * 5, [False, True, False, True, False]):
-        torch.library.opcheck(ops.rnn_backward.default, (go, out, x, h0, w_ih, w_hh, 0, mask),
+        torch.library.opcheck(ops.rnn_backward.default, (go, out, x, h0, w_ih, w_hh, 1, mask),
                               test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.rnn_backward.default, (go, out, tok, h0, w_ih, w_hh, 0, [False, True, True, True, True]),
+    torch.library.opcheck(ops.rnn_backward.default, (go, out, tok, h0, w_ih, w_hh, 1, [False, True, True, True, True]),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.rnn_cell_forward.default, (x[0], h0, w_ih, w_hh, b, b, 1),
                           test_utils=("test_schema", "test_faketensor"))

@@ -39,23 +39,10 @@ namespace {
 
 using at::Tensor;
 
-enum Activation : int64_t { kNone = 0, kTanh = 1, kRelu = 2 };
-constexpr int64_t kGrainElements = 32768;
-
-template <typename T, int kAct>
-MMOPS_INLINE T activate(T y) {
-  if (kAct == kTanh) return simd::tanh(y);
-  if (kAct == kRelu) return y > T(0) ? y : T(0);
-  return y;
-}
-
-// dy' = dh * act'(h), from the saved output h.
-template <typename T, int kAct>
-MMOPS_INLINE T act_grad(T dh, T h) {
-  if (kAct == kTanh) return dh * (T(1) - h * h);
-  if (kAct == kRelu) return h > T(0) ? dh : T(0);
-  return dh;
-}
+using simd::kIdentity;
+using simd::kRelu;
+using simd::kTanh;
+using simd::kGrainElements;
 
 // Shapes: x is (N, C, L) contiguous; for (N, C) input L = 1. Channel c of row n starts at (n*C + c)*L.
 struct Shape {
@@ -104,7 +91,7 @@ MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* m, const T*
       const T* r = x + n * C;
       T* o = h + n * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = activate<T, kAct>((r[c] - m[c]) * a[c] + b[c]);
+      for (int64_t c = 0; c < C; ++c) o[c] = simd::activate<kAct>((r[c] - m[c]) * a[c] + b[c]);
     }
   } else {
     for (int64_t n = n0; n < n1; ++n)
@@ -113,7 +100,7 @@ MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* m, const T*
         T* o = h + (n * C + c) * L;
         const T mc = m[c], ac = a[c], bc = b[c];
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) o[l] = activate<T, kAct>((r[l] - mc) * ac + bc);
+        for (int64_t l = 0; l < L; ++l) o[l] = simd::activate<kAct>((r[l] - mc) * ac + bc);
       }
   }
 }
@@ -128,7 +115,7 @@ MMOPS_INLINE void backward_sums(const T* dh, const T* h, const T* x, Shape s, co
       const int64_t o = n * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const T g = act_grad<T, kAct>(dh[o + c], h[o + c]);
+        const T g = simd::act_grad<kAct>(dh[o + c], h[o + c]);
         Sdy[c] += static_cast<double>(g);
         Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
       }
@@ -141,7 +128,7 @@ MMOPS_INLINE void backward_sums(const T* dh, const T* h, const T* x, Shape s, co
         double a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
         for (int64_t l = 0; l < L; ++l) {
-          const T g = act_grad<T, kAct>(dh[o + l], h[o + l]);
+          const T g = simd::act_grad<kAct>(dh[o + l], h[o + l]);
           a += static_cast<double>(g);
           b += static_cast<double>(g * (x[o + l] - m));
         }
@@ -160,7 +147,7 @@ MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape 
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dx[o + c] = A[c] * act_grad<T, kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
+      for (int64_t c = 0; c < C; ++c) dx[o + c] = A[c] * simd::act_grad<kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
     }
   } else {
     for (int64_t n = n0; n < n1; ++n)
@@ -168,7 +155,7 @@ MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape 
         const int64_t o = (n * C + c) * L;
         const T mc = m[c], a = A[c], b = B[c], d = D[c];
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) dx[o + l] = a * act_grad<T, kAct>(dh[o + l], h[o + l]) + b * (x[o + l] - mc) + d;
+        for (int64_t l = 0; l < L; ++l) dx[o + l] = a * simd::act_grad<kAct>(dh[o + l], h[o + l]) + b * (x[o + l] - mc) + d;
       }
   }
 }
@@ -187,7 +174,7 @@ MMOPS_INLINE void bn_normalize_impl(int64_t act, const T* x, T* h, Shape s, cons
                                     int64_t n0, int64_t n1) {
   if (act == kTanh) normalize_rows<T, kTanh>(x, h, s, m, a, b, n0, n1);
   else if (act == kRelu) normalize_rows<T, kRelu>(x, h, s, m, a, b, n0, n1);
-  else normalize_rows<T, kNone>(x, h, s, m, a, b, n0, n1);
+  else normalize_rows<T, kIdentity>(x, h, s, m, a, b, n0, n1);
 }
 MMOPS_SIMD_CLONES void bn_normalize(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
                                     const float* b, int64_t n0, int64_t n1) {
@@ -203,7 +190,7 @@ MMOPS_INLINE void bn_bsums_impl(int64_t act, const T* dh, const T* h, const T* x
                                 int64_t n1, double* Sdy, double* Sdyx) {
   if (act == kTanh) backward_sums<T, kTanh>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
   else if (act == kRelu) backward_sums<T, kRelu>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
-  else backward_sums<T, kNone>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+  else backward_sums<T, kIdentity>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
 }
 MMOPS_SIMD_CLONES void bn_bsums(int64_t act, const float* dh, const float* h, const float* x, Shape s,
                                 const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
@@ -219,7 +206,7 @@ MMOPS_INLINE void bn_dx_impl(int64_t act, const T* dh, const T* h, const T* x, T
                              const T* B, const T* D, int64_t n0, int64_t n1) {
   if (act == kTanh) backward_dx<T, kTanh>(dh, h, x, dx, s, m, A, B, D, n0, n1);
   else if (act == kRelu) backward_dx<T, kRelu>(dh, h, x, dx, s, m, A, B, D, n0, n1);
-  else backward_dx<T, kNone>(dh, h, x, dx, s, m, A, B, D, n0, n1);
+  else backward_dx<T, kIdentity>(dh, h, x, dx, s, m, A, B, D, n0, n1);
 }
 MMOPS_SIMD_CLONES void bn_dx(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
                              const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
@@ -263,33 +250,6 @@ MMOPS_INLINE vd8 load8d(const double* p) {
   return v;
 }
 MMOPS_INLINE void store8d(double* p, vd8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-template <int kAct>
-MMOPS_INLINE vf16 activate16(vf16 y) {
-  if (kAct == kTanh) {
-    float f[16];
-    store16(f, y);
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) f[j] = simd::tanh(f[j]);
-    return load16(f);
-  }
-  if (kAct == kRelu) {
-    const vf16 z = {};
-    return y > z ? y : z;
-  }
-  return y;
-}
-
-// act_grad on a vector of floats (vf8 or vf16).
-template <int kAct, typename V>
-MMOPS_INLINE V act_grad_vec(V dh, V h) {
-  if (kAct == kTanh) return dh * (1.0f - h * h);
-  if (kAct == kRelu) {
-    const V z = {};
-    return h > z ? dh : z;
-  }
-  return dh;
-}
 
 constexpr int64_t kTile = 32, kRowBlock = 64;
 
@@ -344,14 +304,14 @@ MMOPS_INLINE void normalize_f32_impl(const float* x, float* h, int64_t C, const 
       const vf16 m0 = load16(m + c0), m1 = load16(m + c0 + 16);
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
-        store16(h + o, activate16<kAct>((load16(x + o) - m0) * a0 + b0));
-        store16(h + o + 16, activate16<kAct>((load16(x + o + 16) - m1) * a1 + b1));
+        store16(h + o, simd::activate<kAct>((load16(x + o) - m0) * a0 + b0));
+        store16(h + o + 16, simd::activate<kAct>((load16(x + o + 16) - m1) * a1 + b1));
       }
     }
     for (int64_t n = r0; n < r1 && Ct < C; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = Ct; c < C; ++c) h[o + c] = activate<float, kAct>((x[o + c] - m[c]) * a[c] + b[c]);
+      for (int64_t c = Ct; c < C; ++c) h[o + c] = simd::activate<kAct>((x[o + c] - m[c]) * a[c] + b[c]);
     }
   }
 }
@@ -359,7 +319,7 @@ MMOPS_SIMD_CLONES void normalize_f32(int64_t act, const float* x, float* h, int6
                                      const float* b, int64_t n0, int64_t n1) {
   if (act == kTanh) normalize_f32_impl<kTanh>(x, h, C, m, a, b, n0, n1);
   else if (act == kRelu) normalize_f32_impl<kRelu>(x, h, C, m, a, b, n0, n1);
-  else normalize_f32_impl<kNone>(x, h, C, m, a, b, n0, n1);
+  else normalize_f32_impl<kIdentity>(x, h, C, m, a, b, n0, n1);
 }
 
 // Sdy[c] += sum dy', Sdyx[c] += sum dy' (x - mean[c]) over rows [n0, n1), dy' = dh * act'(h): each term in
@@ -381,7 +341,7 @@ MMOPS_INLINE void bsums_f32_impl(const float* dh, const float* h, const float* x
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
         for (int q = 0; q < 4; ++q) {
-          const vf8 g = act_grad_vec<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
+          const vf8 g = simd::act_grad<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
           a[q] += __builtin_convertvector(g, vd8);
           b[q] += __builtin_convertvector(g * (load8(x + o + 8 * q) - m[q]), vd8);
         }
@@ -395,7 +355,7 @@ MMOPS_INLINE void bsums_f32_impl(const float* dh, const float* h, const float* x
       const int64_t o = n * C;
 #pragma omp simd
       for (int64_t c = Ct; c < C; ++c) {
-        const float g = act_grad<float, kAct>(dh[o + c], h[o + c]);
+        const float g = simd::act_grad<kAct>(dh[o + c], h[o + c]);
         Sdy[c] += static_cast<double>(g);
         Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
       }
@@ -406,7 +366,7 @@ MMOPS_SIMD_CLONES void bsums_f32(int64_t act, const float* dh, const float* h, c
                                  const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
   if (act == kTanh) bsums_f32_impl<kTanh>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
   else if (act == kRelu) bsums_f32_impl<kRelu>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
-  else bsums_f32_impl<kNone>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
+  else bsums_f32_impl<kIdentity>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
 }
 
 // dx = A[c] dy' + B[c] (x - m[c]) + D[c] over rows [n0, n1).
@@ -421,8 +381,8 @@ MMOPS_INLINE void dx_f32_impl(const float* dh, const float* h, const float* x, f
       const vf16 D0 = load16(D + c0), D1 = load16(D + c0 + 16), m0 = load16(m + c0), m1 = load16(m + c0 + 16);
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
-        const vf16 g0 = act_grad_vec<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
-        const vf16 g1 = act_grad_vec<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
+        const vf16 g0 = simd::act_grad<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
+        const vf16 g1 = simd::act_grad<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
         store16(dx + o, A0 * g0 + B0 * (load16(x + o) - m0) + D0);
         store16(dx + o + 16, A1 * g1 + B1 * (load16(x + o + 16) - m1) + D1);
       }
@@ -430,7 +390,7 @@ MMOPS_INLINE void dx_f32_impl(const float* dh, const float* h, const float* x, f
     for (int64_t n = r0; n < r1 && Ct < C; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = Ct; c < C; ++c) dx[o + c] = A[c] * act_grad<float, kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
+      for (int64_t c = Ct; c < C; ++c) dx[o + c] = A[c] * simd::act_grad<kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
     }
   }
 }
@@ -438,7 +398,7 @@ MMOPS_SIMD_CLONES void dx_f32(int64_t act, const float* dh, const float* h, cons
                               const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
   if (act == kTanh) dx_f32_impl<kTanh>(dh, h, x, dx, C, m, A, B, D, n0, n1);
   else if (act == kRelu) dx_f32_impl<kRelu>(dh, h, x, dx, C, m, A, B, D, n0, n1);
-  else dx_f32_impl<kNone>(dh, h, x, dx, C, m, A, B, D, n0, n1);
+  else dx_f32_impl<kIdentity>(dh, h, x, dx, C, m, A, B, D, n0, n1);
 }
 
 // Threads for one call: one below kGrainElements (a fork/join costs more than the work), and none nested.
