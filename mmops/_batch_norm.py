@@ -68,6 +68,9 @@ class BatchNormFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+_ACTIVATION_FNS = {0: lambda t: t, 1: torch.tanh, 2: torch.relu}  # for the empty input PyTorch handles
+
+
 def activation_code(activation, fn: str) -> int:
     code = ACTIVATIONS.get(activation) if activation is None or isinstance(activation, str) else None
     if code is None:
@@ -114,6 +117,9 @@ def batch_norm(
         raise TypeError(f"mmops.batch_norm: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise NotImplementedError(f"mmops.batch_norm: input must be a floating-point tensor, got {input.dtype}")
+    if input.numel() == 0:  # no values: PyTorch's op defines what that means (an empty output)
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _ACTIVATION_FNS[act](out)
     if input.dim() < 2:
         raise ValueError(f"mmops.batch_norm: expected input of shape (N, C, *), got {tuple(input.shape)}")
     C = input.shape[1]
@@ -125,9 +131,6 @@ def batch_norm(
         raise RuntimeError("mmops.batch_norm: running_mean must be defined in evaluation mode (training=False)")
     if training and eps <= 0:
         raise ValueError(f"mmops.batch_norm: eps must be positive during training, but got {eps}")
-    if input.numel() == 0:  # no values: PyTorch's op defines what that means (an empty output)
-        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return {0: out, 1: torch.tanh, 2: torch.relu}[act](out) if act else out
     n = input.numel() // C
     if training and n <= 1:
         raise ValueError(f"mmops.batch_norm: expected more than 1 value per channel when training, got input of "

@@ -152,6 +152,8 @@ def rnn_cell(
     act = nonlinearity_code(nonlinearity, fn)
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
+    if hx is not None and hx.dim() not in (1, 2):
+        raise ValueError(f"{fn}: expected hx to be 1-D or 2-D, got {hx.dim()}-D")
     unbatched = input.dim() == (1 if input.is_floating_point() else 0)
     if unbatched:
         input = input.unsqueeze(0)

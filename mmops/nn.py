@@ -147,7 +147,7 @@ def _check_rnn_args(name: str, input_size, hidden_size, bias, nonlinearity, num_
     if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
         raise ValueError(f"mmops.nn.{name}: dropout should be a number in range [0, 1], got {dropout!r}")
     for flag, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
-        if not isinstance(value, bool):
+        if not isinstance(value, bool) and not (flag == "bias" and name == "RNNCell"):  # nn.RNNCell takes any
             raise TypeError(f"mmops.nn.{name}: {flag} should be of type bool, got: {type(value).__name__}")
     for size, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -286,6 +286,7 @@ class RNNCell(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         _check_rnn_args("RNNCell", input_size, hidden_size, bias, nonlinearity)
+        bias = bool(bias)
         self.input_size, self.hidden_size, self.bias, self.nonlinearity = input_size, hidden_size, bias, nonlinearity
         kw = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **kw))
