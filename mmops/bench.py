@@ -282,7 +282,7 @@ def _syncbn_worker(rank, world, init_file, out_file, N, C, steps):
     except BaseException:
         dist.destroy_process_group()
         raise
-    from .train import end_spawned_worker
+    from ._distributed import end_spawned_worker
 
     end_spawned_worker(dist)
 

@@ -117,6 +117,11 @@ def build_sequences(words: list[str], vocab: Vocab, ignore_index: int = -100) ->
     return X, Y
 
 
+# The fewest words for which the 80/10/10 split leaves every part non-empty: 0 < int(0.8n) < int(0.9n) < n
+# holds for n = 6..9 and, since 0.1n >= 1, for every n >= 10; at n = 5 the validation split is empty.
+MIN_WORDS = 6
+
+
 @dataclass
 class Splits:
     vocab: Vocab
@@ -129,8 +134,9 @@ class Splits:
 def make_splits(words: list[str], block_size: int = 3, seed: int = 42, sequences: bool = False) -> Splits:
     """The notebooks' split: random.seed(seed); random.shuffle(words); 80% / 10% / 10%. The shuffle uses a
     private random.Random(seed), which draws exactly what random.seed(seed) + random.shuffle draws."""
-    if len(words) < 3:
-        raise CorpusError(f"a corpus needs at least 3 words to split into train/val/test, got {len(words)}")
+    if len(words) < MIN_WORDS:
+        raise CorpusError(f"a corpus of {len(words)} words leaves an empty train, validation or test split "
+                          f"(80/10/10%); it needs at least {MIN_WORDS} words")
     vocab = Vocab.from_words(words)
     words = list(words)
     random.Random(seed).shuffle(words)

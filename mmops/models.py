@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as MF
+import mmops
 from . import nn as mnn
 from ._ops import ops
 from .data import Vocab
@@ -53,10 +53,15 @@ class MLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else mmops.cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         return [self.bn]
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        """(label, module) of each module whose output is a tanh, labelled as the notebooks' layer list
+        (Linear, BatchNorm1d, Tanh) would number it: the fused BatchNorm + tanh is layers 1 and 2."""
+        return [("layer 2 (Tanh)", self.bn)]
 
     @torch.no_grad()
     def train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
@@ -151,11 +156,26 @@ class DeepMLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else mmops.cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         """The modules whose output is a tanh: the fused BatchNorm+tanh ones, or the Tanh layers."""
         return [m for m in self.layers if isinstance(m, nn.Tanh) or getattr(m, "activation", None) == "tanh"]
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        """(label, module) of each tanh output, numbered as in the notebook's list of layers, where BatchNorm1d
+        and Tanh are separate entries: a fused BatchNorm + tanh module counts as two layers, its output is
+        the second one's (e.g. 'layer 2 (Tanh)', 'layer 5 (Tanh)', ...)."""
+        out, index = [], 0
+        for m in self.layers:
+            if getattr(m, "activation", None) == "tanh":
+                out.append((f"layer {index + 1} (Tanh)", m))
+                index += 2
+            else:
+                if isinstance(m, nn.Tanh):
+                    out.append((f"layer {index} (Tanh)", m))
+                index += 1
+        return out
 
 
 class CharRNN(nn.Module):
@@ -181,10 +201,13 @@ class CharRNN(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits, _ = self.run(X)
-        return logits if Y is None else MF.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        return logits if Y is None else mmops.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
 
     def tanh_layers(self) -> list[nn.Module]:
         return []
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("RNN hidden state (tanh)", self.rnn)] if self.rnn.nonlinearity == "tanh" else []
 
 
 MODELS = {"mlp": MLP, "deep": DeepMLP, "rnn": CharRNN}
