@@ -10,7 +10,9 @@ COMMANDS = {
     "bench": "forward+backward timings of the fused ops and training loops against PyTorch, candidates "
              "interleaved in one process; writes bench/results/",
     "train": "train a makemore model (mlp, deep, rnn) on a word list (default: embedded first names), with "
-             "checkpoints, JSON summary, diagnostic plots, --nproc N or torchrun data parallelism",
+             "checkpoints, JSON summary, diagnostic plots, --nproc N or torchrun data parallelism; or, with "
+             "--text [FILE], the d2l character RNN on running text (perplexity, tokens/s)",
+    "generate": "continue a prefix with a text model saved by `train --text --save CKPT` (greedy or sampled)",
 }
 
 
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
         from .check import main as run
     elif cmd == "bench":
         from .bench import main as run
+    elif cmd == "generate":
+        from .generate import main as run
     else:
         from .train import main as run
     return run(rest)

@@ -139,3 +139,37 @@ def write_plots(out_dir: str, model, lossi: list[float], ud: list[torch.Tensor],
     ax.set_title("update:data ratio")
     save(fig, "update_ratio.png")
     return paths
+
+
+def write_text_plots(out_dir: str, lossi: list[float], epochs: list[dict], batches_per_epoch: int) -> list[str]:
+    """Text mode (`train --text`): loss.png, the minibatch loss against the step, and perplexity.png, the
+    perplexity of every epoch (the book's training curve)."""
+    plt = _plt()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if lossi:
+        t = torch.tensor(lossi)
+        w = max(1, len(t) // 200)
+        t = t[: len(t) // w * w].view(-1, w).mean(1)
+        ax.plot((torch.arange(len(t)) * w).tolist(), t.tolist())
+        ax.set_ylabel(f"training loss, nats per character (mean over {w} steps)")
+    ax.set_xlabel(f"step (minibatch; {batches_per_epoch} per epoch)")
+    ax.set_title("training loss (cross-entropy per predicted character)")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "loss.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if epochs:
+        ax.plot([e["epoch"] for e in epochs], [e["perplexity"] for e in epochs], marker="." if len(epochs) < 50 else None)
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity, exp(mean loss) (log scale)")
+    ax.set_title("perplexity per epoch" if epochs else "perplexity: the run did not complete an epoch")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "perplexity.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths

@@ -12,6 +12,12 @@ same run up to the total N (the same losses as one run of N steps).
 Distributed: `--nproc N` spawns N processes on this machine; under torchrun (RANK, WORLD_SIZE, ... set, one
 or many nodes) every process joins torchrun's group. Both: DDP with SyncBatchNorm, the global batch split
 across all ranks, one summary and one checkpoint from rank 0.
+
+Text mode (`--model rnn --text [FILE]`): the Dive into Deep Learning character RNN on running text (FILE, or
+the embedded Python documentation topics): one stream of characters, minibatches of --batch-size rows of
+--num-steps characters (sequential partitioning with the hidden state carried and detached between
+minibatches, or random sampling), relu by default, hidden 256, SGD lr 1, gradient-norm clip 1, no lr decay;
+perplexity and tokens/s per epoch. `python -m mmops generate --load CKPT --prefix '...'` continues a prefix.
 """
 from __future__ import annotations
 
@@ -34,8 +40,15 @@ DEFAULT_LR = {"mlp": 0.1, "deep": 0.1, "rnn": 1.0}
 # checkpoint gives it; None: derived in _resolve_defaults). On --load, a different value on the command line
 # is an error for the keys that shape the data or the model, and a printed override for the schedule keys.
 RUN_DEFAULTS = {"model": "mlp", "data": None, "block_size": 3, "batch_size": 32, "seed": 2147483647, "lr": None,
-                "decay_at": None, "clip": 1.0}
+                "decay_at": None, "clip": 1.0, "text": None, "preprocess": None, "sampling": None,
+                "nonlinearity": None, "num_steps": None, "hidden_size": None}
 SCHEDULE_KEYS = ("lr", "decay_at", "clip")
+# text mode only (an error on a word-list run), and their defaults: the book's hyperparameters
+TEXT_DEFAULTS = {"preprocess": "none", "sampling": "sequential", "nonlinearity": "relu", "num_steps": 35,
+                 "hidden_size": 256}
+DEFAULT_TEXT_EPOCHS = 20
+EMBEDDED_TEXT = "<embedded>"  # --text without FILE: data.default_text()
+TEXT_SAMPLE_CHARS = 80  # the continuation printed at the end of a text run
 
 
 class CheckpointError(ValueError):
@@ -50,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="mlp: the BatchNorm notebook's MLP; deep: 5 x (Linear, BatchNorm, Tanh); rnn: character RNN "
            "(default: mlp, or the checkpoint's)")
     a("--data", metavar="FILE", help="corpus, one word per line (default: the embedded 1990 US-census first names)")
-    a("--steps", type=int, default=200_000, help="total optimisation steps; with --load, the total to reach "
-      "(default: 200000)")
+    a("--steps", type=int, default=None, help="total optimisation steps (minibatches); with --load, the total to "
+      f"reach (default: 200000; text mode: {DEFAULT_TEXT_EPOCHS} epochs)")
     a("--batch-size", type=int, default=None, help="global minibatch size (default: 32)")
     a("--lr", type=float, default=None, help="learning rate, divided by 10 from --decay-at (default: 0.1; "
       "rnn 1.0)")
     a("--decay-at", type=int, default=None, help="step from which lr is divided by 10 (default: half of --steps "
-      "of the first run; a checkpoint keeps it)")
+      "of the first run, text mode: never; a checkpoint keeps it)")
     a("--seed", type=int, default=None, help="seed of the init, the minibatch generator and the samples "
       "(default: 2147483647)")
     a("--block-size", type=int, default=None, help="context length of the MLPs (default: 3)")
@@ -71,8 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save", metavar="FILE", help="write a checkpoint at the end (resumable with --load)")
     a("--load", metavar="FILE", help="resume from a checkpoint: its model, data, schedule and seed, continued "
       "up to --steps")
-    a("--samples", type=int, default=10, help="names sampled at the end (default: 10)")
+    a("--samples", type=int, default=10, help="names sampled at the end; text mode: 0 turns the greedy "
+      f"{TEXT_SAMPLE_CHARS}-character continuation off (default: 10)")
     a("--quiet", action="store_true", help="no progress bar")
+    t = p.add_argument_group("text mode (the d2l character RNN on running text; needs --model rnn or no --model)")
+    t.add_argument("--text", nargs="?", const=EMBEDDED_TEXT, metavar="FILE",
+                   help="train on running text: any UTF-8 FILE as one character stream (no FILE: the embedded "
+                        "Python documentation topics of the standard library's pydoc_data)")
+    t.add_argument("--preprocess", choices=["none", "d2l"], default=None,
+                   help="none: the characters as they are; d2l: the book's (non-letters -> space, lower case: "
+                        "26 letters, space, <unk>) (default: none)")
+    t.add_argument("--sampling", choices=["sequential", "random"], default=None,
+                   help="sequential partitioning with the state carried between minibatches, or random sampling "
+                        "with a fresh zero state per minibatch (default: sequential)")
+    t.add_argument("--nonlinearity", choices=["relu", "tanh"], default=None, help="(default: relu, as the book)")
+    t.add_argument("--num-steps", type=int, default=None, help="characters per row of a minibatch (default: 35)")
+    t.add_argument("--hidden-size", type=int, default=None, help="(default: 256)")
+    t.add_argument("--epochs", type=int, default=None, help=f"passes over the text, instead of --steps (default: "
+                   f"{DEFAULT_TEXT_EPOCHS})")
     a("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP + SyncBatchNorm; gloo "
       "on CPU, nccl on GPU); the global batch is split across them. Under torchrun, leave it out: torchrun's "
       "processes form the group (default: 1)")
@@ -115,7 +144,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path!r} is not a checkpoint written by `train --save` ({first})") from None
-    need = ("model", "config", "state_dict", "step", "vocab", "generator", "lossi", "run")
+    need = ("model", "config", "state_dict", "step", "vocab", "lossi", "run")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
         raise CheckpointError(f"{path!r} is not a checkpoint written by `train --save` of this mmops version "
                               f"(it lacks {[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]})")
@@ -136,19 +165,45 @@ def _apply_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace, ckpt
             else:
                 p.error(f"{flag} {given!r} disagrees with the checkpoint {args.load!r} ({stored!r}); leave it out "
                         "to continue the checkpoint's run")
-    if args.steps <= ckpt["step"]:
-        p.error(f"--steps {args.steps}: the checkpoint {args.load!r} is already at step {ckpt['step']}; pass the "
-                "larger total to reach")
 
 
-def _resolve_defaults(args: argparse.Namespace) -> None:
+def _resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, given_text_flags: list[str]) -> None:
     for key, default in RUN_DEFAULTS.items():
         if getattr(args, key) is None and default is not None:
             setattr(args, key, default)
+    if args.text is not None:
+        if args.model != "rnn":
+            p.error(f"--text trains the rnn model, not {args.model!r}")
+        for key, default in TEXT_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+    elif given_text_flags:
+        p.error(f"{given_text_flags[0]} applies to text mode only (--model rnn --text [FILE])")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.model]
-    if args.decay_at is None:
-        args.decay_at = args.steps // 2
+
+
+def _prepare_text(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reads and encodes the text, and turns --epochs (or its default) into --steps."""
+    path = None if args.text == EMBEDDED_TEXT else args.text
+    try:
+        corpus = D.make_text_corpus(D.load_text(path), args.preprocess)
+    except D.CorpusError as e:
+        p.error(f"--text: {e}")
+    n, B, T = corpus.stream.numel(), args.batch_size, args.num_steps
+    need = D.min_stream_length(B, T)
+    if n < need:
+        p.error(f"--text: {path or 'the embedded text'!r} has {n} characters" +
+                (" after --preprocess d2l" if args.preprocess == "d2l" else "") +
+                f"; one minibatch of --batch-size {B} x --num-steps {T} needs at least {need}")
+    args.corpus = corpus
+    args.batches_per_epoch = D.batches_per_epoch(n, B, T)
+    if args.epochs is not None:
+        if args.steps is not None:
+            p.error("--epochs and --steps both give the length of the run; pass one")
+        args.steps = args.epochs * args.batches_per_epoch
+    elif args.steps is None:
+        args.steps = DEFAULT_TEXT_EPOCHS * args.batches_per_epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,7 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     for name, low in (("steps", 0), ("batch_size", 1), ("block_size", 1), ("log_every", 1), ("threads", 1),
-                      ("samples", 0), ("decay_at", 0)):
+                      ("samples", 0), ("decay_at", 0), ("num_steps", 1), ("hidden_size", 1), ("epochs", 0)):
         v = getattr(args, name)
         if v is not None and v < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
@@ -166,6 +221,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive number, got {v}")
     if args.data is not None:
         args.data = os.path.abspath(args.data)
+    if args.text is not None and args.text != EMBEDDED_TEXT:
+        args.text = os.path.abspath(args.text)
+    if args.text is not None and args.data is not None:
+        p.error("--data is the word list of the word models; text mode reads --text FILE")
+    if args.text is not None and args.model is None:
+        args.model = "rnn"
+    given_text_flags = ["--" + k.replace("_", "-") for k in (*TEXT_DEFAULTS, "epochs") if getattr(args, k) is not None]
     try:
         env = dist_util.torchrun_env()
     except ValueError as e:
@@ -185,7 +247,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         except CheckpointError as e:
             p.error(f"--load {e}")
         _apply_checkpoint(p, args, args.checkpoint)
-    _resolve_defaults(args)
+    _resolve_defaults(p, args, given_text_flags)
+    if args.text is not None:
+        _prepare_text(p, args)
+    elif args.steps is None:
+        args.steps = 200_000
+    if args.decay_at is None and args.text is None:
+        args.decay_at = args.steps // 2
+    if args.checkpoint is not None and args.steps <= args.checkpoint["step"]:
+        p.error(f"--steps {args.steps}: the checkpoint {args.load!r} is already at step {args.checkpoint['step']}; "
+                "pass the larger total to reach")
 
     world = env.world_size if env is not None else args.nproc
     if args.batch_size % world:
@@ -197,14 +268,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     _prepare_output(p, "--json", args.json)
     _prepare_output(p, "--plots", args.plots, is_dir=True)
 
-    try:
-        words = D.load_words(args.data)
-        args.splits = D.make_splits(words, args.block_size, sequences=args.model == "rnn")
-    except D.CorpusError as e:
-        p.error(str(e))
-    if args.checkpoint is not None and args.checkpoint["vocab"] != args.splits.vocab.itos:
+    if args.text is None:
+        try:
+            words = D.load_words(args.data)
+            args.splits = D.make_splits(words, args.block_size, sequences=args.model == "rnn")
+        except D.CorpusError as e:
+            p.error(f"--data: {e}" if args.data else str(e))
+        vocab = args.splits.vocab
+    else:
+        vocab = args.corpus.vocab
+    if args.checkpoint is not None and args.checkpoint["vocab"] != vocab.itos:
         p.error(f"--load {args.load!r} was trained on another vocabulary ({''.join(args.checkpoint['vocab'])!r}) "
-                f"than {args.data or 'the embedded corpus'!r}")
+                f"than {args.text or args.data or 'the embedded corpus'!r}")
     return args
 
 
@@ -246,6 +321,8 @@ def _leave_group(world: int) -> None:
 
 
 def train(args, rank: int = 0, world: int = 1) -> dict:
+    if args.text is not None:
+        return train_text(args)
     if world == 1 and args.nproc > 1:
         return dist_util.spawn(train, (args,), args.nproc, args.device)
     if args.threads:
@@ -356,6 +433,106 @@ def _finish(args, model, vocab, g, lossi, ud, ud_steps, weights, n_steps, second
 
         paths = write_plots(args.plots, model, lossi, ud, ud_steps, [n for n, _ in weights], *train_split, g)
         print("plots: " + " ".join(paths))
+    return result
+
+
+def _lr_at(args, step: int) -> float:
+    return args.lr if args.decay_at is None or step < args.decay_at else args.lr / 10
+
+
+def train_text(args) -> dict:
+    """The d2l training loop on the fused RNN: per epoch, the minibatches of data.epoch_minibatches (drawn
+    from a generator seeded with seed + epoch, so that a run resumes mid-epoch exactly); sequential: the state
+    starts at zero each epoch and is carried, detached (no copy), from one minibatch to the next; random: zero
+    state per minibatch. Loss: the mean cross-entropy over every predicted character; SGD; clip_grad_norm_.
+    The only host syncs: one per epoch (perplexity) and every --log-every steps."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    corpus, B, T, K = args.corpus, args.batch_size, args.num_steps, args.batches_per_epoch
+    vocab = corpus.vocab
+    model = M.TextRNN(len(vocab), args.hidden_size, args.nonlinearity, seed=args.seed).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, foreach=True)
+    start, lossi, state, epochs = 0, [], None, []
+    ckpt = args.checkpoint
+    if ckpt is not None:
+        model.load_state_dict(ckpt["state_dict"])
+        start, lossi, epochs = ckpt["step"], list(ckpt["lossi"]), list(ckpt.get("epochs", []))
+        state = ckpt.get("state")
+        state = state.to(dev) if state is not None else None
+    model.train()
+    n_steps = max(0, args.steps - start)
+    losses = torch.empty(n_steps, device=dev)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_steps, disable=args.quiet, dynamic_ncols=True, desc="train rnn (text)", mininterval=0.5,
+               file=sys.stderr)
+    step, epoch = start, start // K
+    t0 = time.perf_counter()
+    while step < args.steps:
+        X, Y = D.epoch_minibatches(corpus.stream, B, T, args.sampling, torch.Generator().manual_seed(args.seed + epoch))
+        X, Y = X.to(dev), Y.to(dev)
+        first, t_epoch = step - epoch * K, time.perf_counter()
+        if first == 0:
+            state = None  # the book: a fresh state at the start of every epoch
+        last = min(K, first + args.steps - step)
+        for k in range(first, last):
+            if args.sampling == "random":
+                state = None
+            elif state is not None:
+                state = state.detach()  # a view: the carried state, cut from the previous minibatch's graph
+            loss, state = model.loss(X[k], Y[k], state)
+            for p in params:
+                p.grad = None
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.clip, foreach=True)
+            opt.param_groups[0]["lr"] = _lr_at(args, step)
+            opt.step()
+            losses[step - start] = loss.detach()
+            step += 1
+            bar.update(1)
+            if (step - start) % args.log_every == 0 and not args.quiet:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4f}", refresh=False)
+        if last == K:  # a whole epoch: its perplexity (mean over its minibatches) and throughput
+            seconds = time.perf_counter() - t_epoch
+            here = losses[max(0, epoch * K - start) : step - start].cpu().tolist()
+            before = lossi[epoch * K :] if epoch * K < start else []
+            ppl = math.exp(sum(before + here) / K)
+            tok_s = (last - first) * B * T / seconds if seconds > 0 else float("nan")
+            epochs.append({"epoch": epoch + 1, "perplexity": ppl, "tokens_per_s": tok_s})
+            bar.set_postfix(epoch=epoch + 1, perplexity=f"{ppl:.2f}", tokens_per_s=f"{tok_s:,.0f}", refresh=False)
+        epoch += 1
+    seconds = time.perf_counter() - t0
+    bar.close()
+    lossi = lossi + losses.cpu().tolist()
+    window = lossi[-K:]
+    train_loss = sum(window) / len(window) if window else float("nan")
+    ppl = math.exp(train_loss) if window else float("nan")
+    tok_s = n_steps * B * T / seconds if seconds > 0 else float("nan")
+    result = {"model": "rnn", "mode": "text", "steps": args.steps, "epochs": args.steps / K, "seconds": seconds,
+              "tokens_per_s": tok_s, "steps_per_s": n_steps / seconds if seconds > 0 else float("nan"),
+              "train_loss": train_loss, "train_perplexity": ppl,
+              "epoch_perplexities": [e["perplexity"] for e in epochs]}
+    print(f"perplexity {ppl:.2f} (train loss {train_loss:.4f}, mean over the last {len(window)} minibatches)  |  "
+          f"{n_steps} steps ({n_steps / K:.1f} epochs of {K}) in {seconds:.1f} s = {tok_s:,.0f} tokens/s")
+    if args.samples:
+        prefix = "the " if all(ch in vocab.stoi for ch in "the ") else vocab.decode(corpus.stream[:4])
+        ids = model.predict(vocab.encode(prefix), TEXT_SAMPLE_CHARS)
+        result["continuation"] = prefix + vocab.decode(ids)
+        print("generate: " + repr(result["continuation"]))
+    if args.save:
+        torch.save({"model": "rnn", "mode": "text", "config": model.config, "state_dict": model.state_dict(),
+                    "step": args.steps, "vocab": vocab.itos, "lossi": lossi, "epochs": epochs,
+                    "state": state.detach().cpu() if state is not None and args.sampling == "sequential" else None,
+                    "run": _run_config(args)}, args.save)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plots:
+        from .plots import write_text_plots
+
+        print("plots: " + " ".join(write_text_plots(args.plots, lossi, epochs, K)))
     return result
 
 
