@@ -2,6 +2,7 @@
 script that `pip install` puts on the PATH)."""
 import os
 import sys
+import textwrap
 
 COMMANDS = {
     "check": "the cmp table (exact / approx / maxdiff): the makemore chain's manual backward vs autograd, and "
@@ -26,7 +27,9 @@ def usage() -> str:
     lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} [options]", "",
              "Fused PyTorch ops (cross-entropy, BatchNorm, RNN) for the makemore models, and their command line.",
              "", "commands:"]
-    lines += [f"  {c:<{width}}  {text}" for c, text in COMMANDS.items()]
+    for c, text in COMMANDS.items():
+        body = textwrap.wrap(text, 100 - width - 4)
+        lines += [f"  {c:<{width}}  {body[0]}"] + [" " * (width + 4) + rest for rest in body[1:]]
     lines += ["", f"`{prog} COMMAND --help` lists the command's options with their defaults.",
               "The same commands run as `python -m mmops COMMAND` or, after pip install, `mmops COMMAND`."]
     return "\n".join(lines)

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: 2147483647)")
     a("--block-size", type=int, default=None, help="context length of the MLPs (default: 3)")
     a("--clip", type=float, default=None, help="gradient-norm clip of the RNN (default: 1.0)")
-    a("--device", choices=["cpu", "cuda"], default="cpu", help="(default: cpu)")
+    a("--device", choices=["cpu", "cuda"], default="cpu", help="cuda needs a build of mmops with its CUDA kernels "
+      "(default: cpu)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; with N processes on "
       "one machine, torch's divided by N)")
     a("--log-every", type=int, default=1000, help="steps between progress-bar loss updates, each a host sync "
@@ -97,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sampling", choices=["sequential", "random"], default=None,
                    help="sequential partitioning with the state carried between minibatches, or random sampling "
                         "with a fresh zero state per minibatch (default: sequential)")
-    t.add_argument("--nonlinearity", choices=["relu", "tanh"], default=None, help="(default: relu, as the book)")
+    t.add_argument("--nonlinearity", choices=["relu", "tanh"], default=None, help="the RNN's activation "
+                   "(default: relu, as the book)")
     t.add_argument("--num-steps", type=int, default=None, help="characters per row of a minibatch (default: 35)")
-    t.add_argument("--hidden-size", type=int, default=None, help="(default: 256)")
+    t.add_argument("--hidden-size", type=int, default=None, help="hidden units of the RNN (default: 256)")
     t.add_argument("--epochs", type=int, default=None, help=f"passes over the text, instead of --steps (default: "
                    f"{DEFAULT_TEXT_EPOCHS})")
     a("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP + SyncBatchNorm; gloo "

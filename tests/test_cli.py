@@ -55,7 +55,7 @@ def test_unknown_command_is_one_line_and_exit_code_2():
 def test_top_level_help_describes_every_command():
     r = _run("--help")
     assert r.returncode == 0
-    for cmd in ("check", "bench", "train"):
+    for cmd in ("check", "bench", "train", "generate"):
         assert f"\n  {cmd} " in r.stdout
     assert "`mmops COMMAND`" in r.stdout
 
@@ -73,6 +73,20 @@ def test_train_help_gives_every_flag_a_default_or_meaning():
     text = p.format_help()
     for flag in ("--threads", "--decay-at", "--block-size", "--clip", "--log-every", "--samples", "--quiet"):
         assert flag in text
+
+
+def test_readme_documents_every_flag_and_the_console_script():
+    from mmops.generate import build_parser as generate_parser
+    from mmops.train import build_parser
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for parser in (build_parser(), generate_parser()):
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}" in readme or f", {flag}" in readme, flag
+    assert "`mmops {check,bench,train,generate}`" in readme
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,9 @@ def text_file(tmp_path):
 def test_text_run_learns_and_writes_perplexity(text_file, tmp_path):
     out = tmp_path / "r.json"
     res = _train("--text", text_file, "--preprocess", "d2l", "--batch-size", "8", "--num-steps", "10",
-                 "--hidden-size", "64", "--epochs", "12", "--json", str(out), "--samples", "1")
+                 "--hidden-size", "64", "--epochs", "12", "--json", str(out), "--samples", "1",
+                 "--plots", str(tmp_path / "plots"))
+    assert sorted(os.listdir(tmp_path / "plots")) == ["loss.png", "perplexity.png"]
     rec = json.loads(out.read_text())
     assert rec["mode"] == "text" and rec["train_perplexity"] == pytest.approx(res["train_perplexity"])
     assert len(rec["epoch_perplexities"]) == 12 and rec["tokens_per_s"] > 0
