@@ -123,3 +123,21 @@ def test_ddp_two_processes_follow_the_single_process_run(tmp_path):
     for k in sb:
         torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
     assert res["val_loss"] < 3.0
+
+
+def test_output_directories_are_created_before_training(tmp_path):
+    save, out = tmp_path / "new" / "deeper" / "ck.pt", tmp_path / "other" / "r.json"
+    _run("--steps", "3", "--samples", "0", "--save", str(save), "--json", str(out))
+    assert save.is_file() and json.loads(out.read_text())["steps"] == 3
+
+
+def test_torchrun_environment_is_read_and_checked():
+    from mmops._distributed import torchrun_env
+
+    assert torchrun_env({}) is None
+    env = torchrun_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank) == (1, 4, 1)
+    with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
+        torchrun_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="expected integers"):
+        torchrun_env({"RANK": "x", "WORLD_SIZE": "4"})
