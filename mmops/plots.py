@@ -74,7 +74,7 @@ def write_plots(out_dir: str, model, lossi: list[float], ud: list[torch.Tensor],
         w = max(1, len(t) // 200)
         t = t[: len(t) // w * w].view(-1, w).mean(1)
         ax.plot(torch.arange(len(t)) * w, t)
-        ax.set_ylabel(f"log10 training loss (mean over {w} steps)")
+        ax.set_ylabel(f"log10(training loss in nats), mean over {w} steps")
     ax.set_xlabel("step")
     ax.set_title("training loss (minibatch)")
     save(fig, "loss.png")
