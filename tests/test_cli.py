@@ -45,6 +45,13 @@ def test_bench_quick_prints_a_table():
         assert name in r.stdout
 
 
+def test_bench_text_times_the_three_training_loops():
+    r = _run("bench", "--quick", "--rounds", "1", "--op", "text", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    for name in ("d2l from scratch", "nn.RNN + nn.Linear + F.cross_entropy", "mmops TextRNN"):
+        assert name in r.stdout and "tokens/s" in r.stdout
+
+
 def test_unknown_command_is_one_line_and_exit_code_2():
     r = _run("frobnicate")
     assert r.returncode == 2 and r.stdout == ""
