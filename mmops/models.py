@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmops
+from ._cross_entropy import cross_entropy
 from . import nn as mnn
-from ._ops import ops
+from ._ops import ACTIVATIONS, ops
 from .data import Vocab
 
 __all__ = ["MLP", "DeepMLP", "CharRNN", "TextRNN", "TorchMLP", "build_model", "sample"]
@@ -55,7 +55,7 @@ class MLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else mmops.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         return [self.bn]
@@ -80,7 +80,7 @@ class MLP(nn.Module):
         embcat = E.index_select(0, X.view(-1)).view(n, -1)
         hprebn = embcat.mm(W1.t())
         h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
-                                                 momentum, bn.eps, bn.bessel, 1)
+                                                 momentum, bn.eps, bn.bessel, ACTIVATIONS["tanh"])
         logits = torch.addmm(b2, h, W2.t())
         loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
         # backward
@@ -158,7 +158,7 @@ class DeepMLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else mmops.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         """The modules whose output is a tanh: the fused BatchNorm+tanh ones, or the Tanh layers."""
@@ -203,7 +203,7 @@ class CharRNN(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits, _ = self.run(X)
-        return logits if Y is None else mmops.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        return logits if Y is None else cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
 
     def tanh_layers(self) -> list[nn.Module]:
         return []
@@ -249,7 +249,7 @@ class TextRNN(nn.Module):
     def loss(self, X: Tensor, Y: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The mean cross-entropy over every predicted character of the (T, B) minibatch, and the last state."""
         logits, state = self(X, state)
-        return mmops.cross_entropy(logits, Y.reshape(-1)), state
+        return cross_entropy(logits, Y.reshape(-1)), state
 
     @torch.no_grad()
     def predict(self, prefix_ids: list[int], num_preds: int, *, temperature: float = 0.0,

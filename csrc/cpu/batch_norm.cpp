@@ -20,6 +20,7 @@
 // channel. Both elementwise passes subtract the mean from x first, as the math does: with a + b*x forms,
 // x*a and b nearly cancel when |mean| >> std, and float32 loses the digits that matter (tested at mean 1000).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,23 +40,10 @@ namespace {
 
 using at::Tensor;
 
-enum Activation : int64_t { kNone = 0, kTanh = 1, kRelu = 2 };
-constexpr int64_t kGrainElements = 32768;
-
-template <typename T, int kAct>
-MMOPS_INLINE T activate(T y) {
-  if (kAct == kTanh) return simd::tanh(y);
-  if (kAct == kRelu) return y > T(0) ? y : T(0);
-  return y;
-}
-
-// dy' = dh * act'(h), from the saved output h.
-template <typename T, int kAct>
-MMOPS_INLINE T act_grad(T dh, T h) {
-  if (kAct == kTanh) return dh * (T(1) - h * h);
-  if (kAct == kRelu) return h > T(0) ? dh : T(0);
-  return dh;
-}
+using simd::kIdentity;
+using simd::kRelu;
+using simd::kTanh;
+using simd::kGrainElements;
 
 // Shapes: x is (N, C, L) contiguous; for (N, C) input L = 1. Channel c of row n starts at (n*C + c)*L.
 struct Shape {
@@ -104,7 +92,7 @@ MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* m, const T*
       const T* r = x + n * C;
       T* o = h + n * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = activate<T, kAct>((r[c] - m[c]) * a[c] + b[c]);
+      for (int64_t c = 0; c < C; ++c) o[c] = simd::activate<kAct>((r[c] - m[c]) * a[c] + b[c]);
     }
   } else {
     for (int64_t n = n0; n < n1; ++n)
@@ -113,7 +101,7 @@ MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* m, const T*
         T* o = h + (n * C + c) * L;
         const T mc = m[c], ac = a[c], bc = b[c];
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) o[l] = activate<T, kAct>((r[l] - mc) * ac + bc);
+        for (int64_t l = 0; l < L; ++l) o[l] = simd::activate<kAct>((r[l] - mc) * ac + bc);
       }
   }
 }
@@ -128,7 +116,7 @@ MMOPS_INLINE void backward_sums(const T* dh, const T* h, const T* x, Shape s, co
       const int64_t o = n * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const T g = act_grad<T, kAct>(dh[o + c], h[o + c]);
+        const T g = simd::act_grad<kAct>(dh[o + c], h[o + c]);
         Sdy[c] += static_cast<double>(g);
         Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
       }
@@ -141,7 +129,7 @@ MMOPS_INLINE void backward_sums(const T* dh, const T* h, const T* x, Shape s, co
         double a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
         for (int64_t l = 0; l < L; ++l) {
-          const T g = act_grad<T, kAct>(dh[o + l], h[o + l]);
+          const T g = simd::act_grad<kAct>(dh[o + l], h[o + l]);
           a += static_cast<double>(g);
           b += static_cast<double>(g * (x[o + l] - m));
         }
@@ -160,7 +148,7 @@ MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape 
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dx[o + c] = A[c] * act_grad<T, kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
+      for (int64_t c = 0; c < C; ++c) dx[o + c] = A[c] * simd::act_grad<kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
     }
   } else {
     for (int64_t n = n0; n < n1; ++n)
@@ -168,7 +156,7 @@ MMOPS_INLINE void backward_dx(const T* dh, const T* h, const T* x, T* dx, Shape 
         const int64_t o = (n * C + c) * L;
         const T mc = m[c], a = A[c], b = B[c], d = D[c];
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) dx[o + l] = a * act_grad<T, kAct>(dh[o + l], h[o + l]) + b * (x[o + l] - mc) + d;
+        for (int64_t l = 0; l < L; ++l) dx[o + l] = a * simd::act_grad<kAct>(dh[o + l], h[o + l]) + b * (x[o + l] - mc) + d;
       }
   }
 }
@@ -187,7 +175,7 @@ MMOPS_INLINE void bn_normalize_impl(int64_t act, const T* x, T* h, Shape s, cons
                                     int64_t n0, int64_t n1) {
   if (act == kTanh) normalize_rows<T, kTanh>(x, h, s, m, a, b, n0, n1);
   else if (act == kRelu) normalize_rows<T, kRelu>(x, h, s, m, a, b, n0, n1);
-  else normalize_rows<T, kNone>(x, h, s, m, a, b, n0, n1);
+  else normalize_rows<T, kIdentity>(x, h, s, m, a, b, n0, n1);
 }
 MMOPS_SIMD_CLONES void bn_normalize(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
                                     const float* b, int64_t n0, int64_t n1) {
@@ -203,7 +191,7 @@ MMOPS_INLINE void bn_bsums_impl(int64_t act, const T* dh, const T* h, const T* x
                                 int64_t n1, double* Sdy, double* Sdyx) {
   if (act == kTanh) backward_sums<T, kTanh>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
   else if (act == kRelu) backward_sums<T, kRelu>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
-  else backward_sums<T, kNone>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+  else backward_sums<T, kIdentity>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
 }
 MMOPS_SIMD_CLONES void bn_bsums(int64_t act, const float* dh, const float* h, const float* x, Shape s,
                                 const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
@@ -219,8 +207,34 @@ MMOPS_INLINE void bn_dx_impl(int64_t act, const T* dh, const T* h, const T* x, T
                              const T* B, const T* D, int64_t n0, int64_t n1) {
   if (act == kTanh) backward_dx<T, kTanh>(dh, h, x, dx, s, m, A, B, D, n0, n1);
   else if (act == kRelu) backward_dx<T, kRelu>(dh, h, x, dx, s, m, A, B, D, n0, n1);
-  else backward_dx<T, kNone>(dh, h, x, dx, s, m, A, B, D, n0, n1);
+  else backward_dx<T, kIdentity>(dh, h, x, dx, s, m, A, B, D, n0, n1);
 }
+// Eval mode: dx = A[c] dy' over rows [n0, n1).
+template <typename T, int kAct>
+MMOPS_INLINE void eval_dx_rows(const T* dh, const T* h, T* dx, Shape s, const T* A, int64_t n0, int64_t n1) {
+  const int64_t C = s.C, L = s.L;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = (n * C + c) * L;
+      const T a = A[c];
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) dx[o + l] = a * simd::act_grad<kAct>(dh[o + l], h[o + l]);
+    }
+}
+template <typename T>
+MMOPS_INLINE void bn_eval_dx_impl(int64_t act, const T* dh, const T* h, T* dx, Shape s, const T* A, int64_t n0,
+                                  int64_t n1) {
+  simd::with_activation(act, [&](auto a) { eval_dx_rows<T, decltype(a)::value>(dh, h, dx, s, A, n0, n1); });
+}
+MMOPS_SIMD_CLONES void bn_eval_dx(int64_t act, const float* dh, const float* h, float* dx, Shape s, const float* A,
+                                  int64_t n0, int64_t n1) {
+  bn_eval_dx_impl(act, dh, h, dx, s, A, n0, n1);
+}
+void bn_eval_dx(int64_t act, const double* dh, const double* h, double* dx, Shape s, const double* A, int64_t n0,
+                int64_t n1) {
+  bn_eval_dx_impl(act, dh, h, dx, s, A, n0, n1);
+}
+
 MMOPS_SIMD_CLONES void bn_dx(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
                              const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
   bn_dx_impl(act, dh, h, x, dx, s, m, A, B, D, n0, n1);
@@ -263,33 +277,6 @@ MMOPS_INLINE vd8 load8d(const double* p) {
   return v;
 }
 MMOPS_INLINE void store8d(double* p, vd8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-template <int kAct>
-MMOPS_INLINE vf16 activate16(vf16 y) {
-  if (kAct == kTanh) {
-    float f[16];
-    store16(f, y);
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) f[j] = simd::tanh(f[j]);
-    return load16(f);
-  }
-  if (kAct == kRelu) {
-    const vf16 z = {};
-    return y > z ? y : z;
-  }
-  return y;
-}
-
-// act_grad on a vector of floats (vf8 or vf16).
-template <int kAct, typename V>
-MMOPS_INLINE V act_grad_vec(V dh, V h) {
-  if (kAct == kTanh) return dh * (1.0f - h * h);
-  if (kAct == kRelu) {
-    const V z = {};
-    return h > z ? dh : z;
-  }
-  return dh;
-}
 
 constexpr int64_t kTile = 32, kRowBlock = 64;
 
@@ -344,14 +331,14 @@ MMOPS_INLINE void normalize_f32_impl(const float* x, float* h, int64_t C, const 
       const vf16 m0 = load16(m + c0), m1 = load16(m + c0 + 16);
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
-        store16(h + o, activate16<kAct>((load16(x + o) - m0) * a0 + b0));
-        store16(h + o + 16, activate16<kAct>((load16(x + o + 16) - m1) * a1 + b1));
+        store16(h + o, simd::activate<kAct>((load16(x + o) - m0) * a0 + b0));
+        store16(h + o + 16, simd::activate<kAct>((load16(x + o + 16) - m1) * a1 + b1));
       }
     }
     for (int64_t n = r0; n < r1 && Ct < C; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = Ct; c < C; ++c) h[o + c] = activate<float, kAct>((x[o + c] - m[c]) * a[c] + b[c]);
+      for (int64_t c = Ct; c < C; ++c) h[o + c] = simd::activate<kAct>((x[o + c] - m[c]) * a[c] + b[c]);
     }
   }
 }
@@ -359,7 +346,7 @@ MMOPS_SIMD_CLONES void normalize_f32(int64_t act, const float* x, float* h, int6
                                      const float* b, int64_t n0, int64_t n1) {
   if (act == kTanh) normalize_f32_impl<kTanh>(x, h, C, m, a, b, n0, n1);
   else if (act == kRelu) normalize_f32_impl<kRelu>(x, h, C, m, a, b, n0, n1);
-  else normalize_f32_impl<kNone>(x, h, C, m, a, b, n0, n1);
+  else normalize_f32_impl<kIdentity>(x, h, C, m, a, b, n0, n1);
 }
 
 // Sdy[c] += sum dy', Sdyx[c] += sum dy' (x - mean[c]) over rows [n0, n1), dy' = dh * act'(h): each term in
@@ -381,7 +368,7 @@ MMOPS_INLINE void bsums_f32_impl(const float* dh, const float* h, const float* x
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
         for (int q = 0; q < 4; ++q) {
-          const vf8 g = act_grad_vec<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
+          const vf8 g = simd::act_grad<kAct>(load8(dh + o + 8 * q), kAct ? load8(h + o + 8 * q) : vf8{});
           a[q] += __builtin_convertvector(g, vd8);
           b[q] += __builtin_convertvector(g * (load8(x + o + 8 * q) - m[q]), vd8);
         }
@@ -395,7 +382,7 @@ MMOPS_INLINE void bsums_f32_impl(const float* dh, const float* h, const float* x
       const int64_t o = n * C;
 #pragma omp simd
       for (int64_t c = Ct; c < C; ++c) {
-        const float g = act_grad<float, kAct>(dh[o + c], h[o + c]);
+        const float g = simd::act_grad<kAct>(dh[o + c], h[o + c]);
         Sdy[c] += static_cast<double>(g);
         Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
       }
@@ -406,7 +393,7 @@ MMOPS_SIMD_CLONES void bsums_f32(int64_t act, const float* dh, const float* h, c
                                  const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
   if (act == kTanh) bsums_f32_impl<kTanh>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
   else if (act == kRelu) bsums_f32_impl<kRelu>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
-  else bsums_f32_impl<kNone>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
+  else bsums_f32_impl<kIdentity>(dh, h, x, C, mean, n0, n1, Sdy, Sdyx);
 }
 
 // dx = A[c] dy' + B[c] (x - m[c]) + D[c] over rows [n0, n1).
@@ -421,8 +408,8 @@ MMOPS_INLINE void dx_f32_impl(const float* dh, const float* h, const float* x, f
       const vf16 D0 = load16(D + c0), D1 = load16(D + c0 + 16), m0 = load16(m + c0), m1 = load16(m + c0 + 16);
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t o = n * C + c0;
-        const vf16 g0 = act_grad_vec<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
-        const vf16 g1 = act_grad_vec<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
+        const vf16 g0 = simd::act_grad<kAct>(load16(dh + o), kAct ? load16(h + o) : vf16{});
+        const vf16 g1 = simd::act_grad<kAct>(load16(dh + o + 16), kAct ? load16(h + o + 16) : vf16{});
         store16(dx + o, A0 * g0 + B0 * (load16(x + o) - m0) + D0);
         store16(dx + o + 16, A1 * g1 + B1 * (load16(x + o + 16) - m1) + D1);
       }
@@ -430,7 +417,7 @@ MMOPS_INLINE void dx_f32_impl(const float* dh, const float* h, const float* x, f
     for (int64_t n = r0; n < r1 && Ct < C; ++n) {
       const int64_t o = n * C;
 #pragma omp simd
-      for (int64_t c = Ct; c < C; ++c) dx[o + c] = A[c] * act_grad<float, kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
+      for (int64_t c = Ct; c < C; ++c) dx[o + c] = A[c] * simd::act_grad<kAct>(dh[o + c], h[o + c]) + B[c] * (x[o + c] - m[c]) + D[c];
     }
   }
 }
@@ -438,7 +425,7 @@ MMOPS_SIMD_CLONES void dx_f32(int64_t act, const float* dh, const float* h, cons
                               const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
   if (act == kTanh) dx_f32_impl<kTanh>(dh, h, x, dx, C, m, A, B, D, n0, n1);
   else if (act == kRelu) dx_f32_impl<kRelu>(dh, h, x, dx, C, m, A, B, D, n0, n1);
-  else dx_f32_impl<kNone>(dh, h, x, dx, C, m, A, B, D, n0, n1);
+  else dx_f32_impl<kIdentity>(dh, h, x, dx, C, m, A, B, D, n0, n1);
 }
 
 // Threads for one call: one below kGrainElements (a fork/join costs more than the work), and none nested.
@@ -492,6 +479,30 @@ void reduce_rows(Shape s, F&& body, std::vector<double>& out1, std::vector<doubl
   add_partials(part, nt, C, out1, out2);
 }
 
+// max(v, 0) that keeps NaN (std::max(0.0, NaN) is 0): rounding can take a sum of squares a hair below 0, but a
+// NaN or inf among the values must reach the variance, the output and running_var, as in PyTorch.
+MMOPS_INLINE double non_negative(double v) { return v < 0 ? 0.0 : v; }
+
+// The shift of a channel's sums: its first value when finite (it centres the data), else 0 (an inf shift would turn
+// the sums into inf - inf = NaN where PyTorch's mean is inf).
+template <typename T>
+MMOPS_INLINE T shift_of(T first) {
+  return std::isfinite(static_cast<double>(first)) ? first : T(0);
+}
+
+// A 1-D per-channel argument as a contiguous tensor (a view with any stride, e.g. w[::3] or an expanded scalar,
+// is copied; a contiguous one is returned as it is), or an undefined tensor when absent.
+Tensor contiguous_param(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+// The running statistics were updated in contiguous copies when the caller's tensors are views with other strides.
+void write_back_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                              const Tensor& rm, const Tensor& rv) {
+  if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
+  if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
+}
+
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3 ? x.size(2) : 1}; }
 
 void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& input) {
@@ -512,7 +523,7 @@ void finish_stats(int64_t C, int64_t n, const T* K, const double* S1, const doub
                   double eps, T* mp, T* ip, T* rmp, T* rvp) {
   for (int64_t c = 0; c < C; ++c) {
     const double d1 = S1[c] / n;
-    const double m2 = std::max(0.0, S2[c] - S1[c] * d1);  // sum (x - mean)^2
+    const double m2 = non_negative(S2[c] - S1[c] * d1);  // sum (x - mean)^2
     const double var = m2 / (bessel ? n - 1 : n);
     const double m = static_cast<double>(K[c]) + d1;
     mp[c] = static_cast<T>(m);
@@ -557,11 +568,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   TORCH_CHECK_VALUE(!training || n > 1, "mmops.batch_norm: expected more than 1 value per channel when training, got "
                     "input of shape ", input.sizes());
   TORCH_CHECK_VALUE(!(training && bessel) || n > 1, "mmops.batch_norm: bessel=True needs n > 1");
-  if (has(running_mean)) {
-    TORCH_CHECK_VALUE(running_mean->is_contiguous() && running_var->is_contiguous(),
-                      "mmops.batch_norm: running_mean and running_var must be contiguous");
-  }
+  TORCH_CHECK_VALUE(!training || eps > 0, "mmops.batch_norm: eps must be positive during training, got ", eps);
+  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}})
+    TORCH_CHECK(!training || !has(*stat) || at::has_internal_overlap(**stat) != at::MemOverlap::Yes, "mmops.batch_norm: ",
+                name, " has elements that share memory (e.g. an expand()ed tensor), so it cannot be updated in place; "
+                "pass a tensor with one element per channel");
 
+  // Every per-channel argument is read through a contiguous pointer: views with other strides are copied (the
+  // running statistics are updated in the copy and written back through the caller's view at the end).
+  const Tensor w = contiguous_param(weight), bb = contiguous_param(bias);
+  const Tensor rm = contiguous_param(running_mean), rv = contiguous_param(running_var);
   const Tensor x = input.contiguous();
   Tensor h = at::empty(x.sizes(), x.options());
   Tensor mean = at::empty({s.C}, x.options());
@@ -570,12 +586,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   if (training && x.scalar_type() == at::kFloat && s.L == 1) {  // the fast path (see stats_f32)
     const float* xp = x.const_data_ptr<float>();
     float *hp = h.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *ip = invstd.mutable_data_ptr<float>();
-    float* rmp = has(running_mean) ? running_mean->mutable_data_ptr<float>() : nullptr;
-    float* rvp = has(running_var) ? running_var->mutable_data_ptr<float>() : nullptr;
-    const float* wp = has(weight) ? weight->const_data_ptr<float>() : nullptr;
-    const float* bp = has(bias) ? bias->const_data_ptr<float>() : nullptr;
+    float* rmp = rm.defined() ? rm.mutable_data_ptr<float>() : nullptr;
+    float* rvp = rv.defined() ? rv.mutable_data_ptr<float>() : nullptr;
+    const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
+    const float* bp = bb.defined() ? bb.const_data_ptr<float>() : nullptr;
     const int64_t C = s.C;
-    std::vector<float> K(xp, xp + C), a(C), b(C);  // the shift: row 0
+    std::vector<float> K(C), a(C), b(C);
+    for (int64_t c = 0; c < C; ++c) K[c] = shift_of(xp[c]);  // the shift: row 0
     std::vector<double> part, S1, S2;
     reduce_then_elementwise(
         s.N, C, part, [&](int64_t n0, int64_t n1, double* p) { stats_f32(xp, C, K.data(), n0, n1, p, p + C); },
@@ -585,6 +602,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
           affine_coefficients(C, wp, bp, mp, ip, a.data(), b.data());
         },
         [&](int64_t n0, int64_t n1) { normalize_f32(activation, xp, hp, C, mp, a.data(), b.data(), n0, n1); });
+    write_back_running_stats(running_mean, running_var, rm, rv);
     return {h, mean, invstd};
   }
 
@@ -596,23 +614,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     if (training) {
       // The shift K: the channel's first value (row 0, l = 0).
       std::vector<T> K(s.C);
-      for (int64_t c = 0; c < s.C; ++c) K[c] = xp[c * s.L];
+      for (int64_t c = 0; c < s.C; ++c) K[c] = shift_of(xp[c * s.L]);
       std::vector<double> S1, S2;
       reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats(xp, s, K.data(), n0, n1, a, b); },
                   S1, S2);
-      T* rmp = has(running_mean) ? running_mean->mutable_data_ptr<T>() : nullptr;
-      T* rvp = has(running_var) ? running_var->mutable_data_ptr<T>() : nullptr;
+      T* rmp = rm.defined() ? rm.mutable_data_ptr<T>() : nullptr;
+      T* rvp = rv.defined() ? rv.mutable_data_ptr<T>() : nullptr;
       finish_stats(s.C, n, K.data(), S1.data(), S2.data(), bessel, momentum, eps, mp, ip, rmp, rvp);
     } else {
-      const T* rmp = running_mean->const_data_ptr<T>();
-      const T* rvp = running_var->const_data_ptr<T>();
+      const T* rmp = rm.const_data_ptr<T>();
+      const T* rvp = rv.const_data_ptr<T>();
       for (int64_t c = 0; c < s.C; ++c) {
         mp[c] = rmp[c];
         ip[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rvp[c]) + eps));
       }
     }
-    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
-    const T* bp = has(bias) ? bias->const_data_ptr<T>() : nullptr;
+    const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+    const T* bp = bb.defined() ? bb.const_data_ptr<T>() : nullptr;
     std::vector<T> a(s.C), b(s.C);
     affine_coefficients(s.C, wp, bp, mp, ip, a.data(), b.data());
     T* hp = h.mutable_data_ptr<T>();
@@ -621,6 +639,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
       bn_normalize(activation, xp, hp, s, mp, a.data(), b.data(), n0, n1);
     });
   });
+  write_back_running_stats(running_mean, running_var, rm, rv);
   return {h, mean, invstd};
 }
 
@@ -648,7 +667,7 @@ void dx_coefficients(int64_t C, int64_t n, const T* wp, const T* ip, const doubl
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& output,
                                                        const Tensor& input, const std::optional<Tensor>& weight,
-                                                       const Tensor& mean, const Tensor& invstd, bool training,
+                                                       const Tensor& mean_in, const Tensor& invstd_in, bool training,
                                                        bool bessel, int64_t activation,
                                                        std::array<bool, 3> output_mask) {
   TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes() && output.sizes() == input.sizes(),
@@ -657,15 +676,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   const Shape s = shape_of(input);
   const int64_t n = s.N * s.L;
   const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
+  const Tensor w = contiguous_param(weight), mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   // Outputs that output_mask leaves out are returned empty (shape (0,)), not computed.
   Tensor dx = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
   Tensor dgamma = at::empty({output_mask[1] ? s.C : 0}, x.options());
   Tensor dbeta = at::empty({output_mask[2] ? s.C : 0}, x.options());
 
-  if (x.scalar_type() == at::kFloat && s.L == 1) {  // the fast path (see stats_f32)
+  if (training && x.scalar_type() == at::kFloat && s.L == 1) {  // the fast path (see stats_f32)
     const float *xp = x.const_data_ptr<float>(), *dhp = dh.const_data_ptr<float>(), *hp = h.const_data_ptr<float>();
     const float *mp = mean.const_data_ptr<float>(), *ip = invstd.const_data_ptr<float>();
-    const float* wp = has(weight) ? weight->const_data_ptr<float>() : nullptr;
+    const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
     float* dxp = output_mask[0] ? dx.mutable_data_ptr<float>() : nullptr;
     float* dgp = output_mask[1] ? dgamma.mutable_data_ptr<float>() : nullptr;
     float* dbp = output_mask[2] ? dbeta.mutable_data_ptr<float>() : nullptr;
@@ -693,7 +713,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     using T = scalar_t;
     const T *xp = x.const_data_ptr<T>(), *dhp = dh.const_data_ptr<T>(), *hp = h.const_data_ptr<T>();
     const T *mp = mean.const_data_ptr<T>(), *ip = invstd.const_data_ptr<T>();
-    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
+    const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
     std::vector<double> Sdy, Sdyx;
     reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) {
       bn_bsums(activation, dhp, hp, xp, s, mp, n0, n1, a, b);
@@ -709,7 +729,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
       T* dxp = dx.mutable_data_ptr<T>();
       const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(s.C * s.L, 1));
       at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
-        bn_dx(activation, dhp, hp, xp, dxp, s, mp, A.data(), B.data(), D.data(), n0, n1);
+        // eval: dx = gamma * invstd * dy' alone (the (x - mean) term is absent, not 0 * (x - mean): a NaN or inf
+        // in x must not reach dx, as in PyTorch)
+        if (training) bn_dx(activation, dhp, hp, xp, dxp, s, mp, A.data(), B.data(), D.data(), n0, n1);
+        else bn_eval_dx(activation, dhp, hp, dxp, s, A.data(), n0, n1);
       });
     }
   });
@@ -735,7 +758,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     std::vector<T> K(s.C);
-    for (int64_t c = 0; c < s.C; ++c) K[c] = xp[c * s.L];
+    for (int64_t c = 0; c < s.C; ++c) K[c] = shift_of(xp[c * s.L]);
     std::vector<double> S1, S2;
     reduce_rows(s, [&](int64_t n0, int64_t n1, double* a, double* b) { bn_stats(xp, s, K.data(), n0, n1, a, b); },
                 S1, S2);
@@ -744,7 +767,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     for (int64_t c = 0; c < s.C; ++c) {
       const double d1 = S1[c] / n;
       mp[c] = static_cast<double>(K[c]) + d1;
-      qp[c] = std::max(0.0, S2[c] - S1[c] * d1);
+      qp[c] = non_negative(S2[c] - S1[c] * d1);
     }
   });
   return {mean, m2};
@@ -774,9 +797,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
 
 // dx from the global sums and the global count (the elementwise pass of batch_norm_backward).
 Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& output, const Tensor& input,
-                                 const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
-                                 const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count, bool bessel,
-                                 int64_t activation) {
+                                 const std::optional<Tensor>& weight, const Tensor& mean_in,
+                                 const Tensor& invstd_in, const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count,
+                                 bool bessel, int64_t activation) {
   TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes() && output.sizes() == input.sizes(),
                     "mmops.batch_norm_backward_elemt: grad_output and output must have the input's shape");
   TORCH_CHECK_VALUE(count > (bessel ? 1 : 0), "mmops.batch_norm_backward_elemt: count must be > ", bessel ? 1 : 0,
@@ -784,10 +807,11 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& output, c
   const Shape s = shape_of(input);
   const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
   const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdyx = sum_dy_xmu.to(at::kDouble).contiguous();
+  const Tensor w = contiguous_param(weight), mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   Tensor dx = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward_elemt", [&] {
     using T = scalar_t;
-    const T* wp = has(weight) ? weight->const_data_ptr<T>() : nullptr;
+    const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
     std::vector<T> A(s.C), B(s.C), D(s.C);
     dx_coefficients(s.C, count, wp, invstd.const_data_ptr<T>(), sdy.const_data_ptr<double>(),
                     sdyx.const_data_ptr<double>(), true, bessel, A.data(), B.data(), D.data());

@@ -52,14 +52,15 @@ namespace {
 
 using at::Tensor;
 
-enum Nonlinearity : int64_t { kTanh = 0, kRelu = 1 };
-constexpr int64_t kGrainElements = 32768;
+using simd::kGrainElements;
+using simd::kRelu;
+using simd::kTanh;
 
 // ---- h = act(pre), elementwise (pre may be h itself) ------------------------------------------------------
 template <typename T, int kAct>
 MMOPS_INLINE void activate(T* h, const T* pre, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) h[i] = kAct == kTanh ? simd::tanh(pre[i]) : (pre[i] > T(0) ? pre[i] : T(0));
+  for (int64_t i = 0; i < n; ++i) h[i] = simd::activate<kAct>(pre[i]);
 }
 
 // ---- g = (m + dout) * act'(h), act' read from the activation's output h (m may be g itself) --------------
@@ -67,8 +68,7 @@ template <typename T, int kAct>
 MMOPS_INLINE void add_times_act_grad(T* g, const T* m, const T* dout, const T* h, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T s = m[i] + dout[i];
-    g[i] = kAct == kTanh ? s * (T(1) - h[i] * h[i]) : (h[i] > T(0) ? s : T(0));
+    g[i] = simd::act_grad<kAct>(m[i] + dout[i], h[i]);
   }
 }
 
@@ -218,7 +218,7 @@ struct Dims {
 
 Dims check_args(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act, const char* fn) {
-  TORCH_CHECK_VALUE(act == kTanh || act == kRelu, fn, ": nonlinearity code ", act, " is not 0 (tanh) or 1 (relu)");
+  TORCH_CHECK_VALUE(act == kTanh || act == kRelu, fn, ": nonlinearity code ", act, " is not 1 (tanh) or 2 (relu)");
   const bool tokens = !at::isFloatingType(input.scalar_type());
   TORCH_CHECK_TYPE(!tokens || input.scalar_type() == at::kLong || input.scalar_type() == at::kInt, fn,
                    ": input must be floating point (T, B, input_size) or integer tokens (T, B), got ",

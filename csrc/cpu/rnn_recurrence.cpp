@@ -19,6 +19,8 @@
 // The math of the backward (dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t)) is written once, in rnn.cpp.
 #include "cpu/rnn_recurrence.h"
 
+#include "cpu/simd.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -155,7 +157,7 @@ template <int kAct>
 MMOPS_AVX512 void forward_row(float* y, __m512 acc0, __m512 acc1, ColumnMask m) {
   __m512 v0 = _mm512_add_ps(acc0, _mm512_maskz_loadu_ps(m.lo, y));
   __m512 v1 = _mm512_add_ps(acc1, _mm512_maskz_loadu_ps(m.hi, y + 16));
-  if (kAct == 0) {
+  if (kAct == simd::kTanh) {
     v0 = tanh_avx512(v0);
     v1 = tanh_avx512(v1);
   } else {  // relu: max(v, 0) with NaN kept (v second)
@@ -171,7 +173,7 @@ template <int kAct>
 MMOPS_AVX512 __m512 grad_lanes(__m512 acc, __mmask16 m, const float* dout, const float* h) {
   const __m512 s = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, dout));
   const __m512 hv = _mm512_maskz_loadu_ps(m, h);
-  if (kAct == 0) return _mm512_mul_ps(s, _mm512_fnmadd_ps(hv, hv, _mm512_set1_ps(1.0f)));
+  if (kAct == simd::kTanh) return _mm512_mul_ps(s, _mm512_fnmadd_ps(hv, hv, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(hv, _mm512_setzero_ps(), _CMP_GT_OQ), s);
 }
 
@@ -222,8 +224,8 @@ __attribute__((target("avx512f"))) void step_blocks(const StepArgs& s, int64_t i
 
 template <Epilogue kEp>
 void step_blocks(int64_t act, const StepArgs& s, int64_t i0, int64_t i1) {
-  if (act == 0) step_blocks<kEp, 0>(s, i0, i1);
-  else step_blocks<kEp, 1>(s, i0, i1);
+  if (act == simd::kTanh) step_blocks<kEp, simd::kTanh>(s, i0, i1);
+  else step_blocks<kEp, simd::kRelu>(s, i0, i1);
 }
 
 // ---- dW = sum_s G_s^T P_s: the weight gradients as one pass over all rows ------------------------------------

@@ -21,7 +21,7 @@ void rnn_packed_product(const float* a, int64_t M, int64_t K, int64_t lda, const
                         const float* bias, float* c, int num_threads);
 
 // Forward: on entry out[t] (T, B, H) holds the input projection of step t (x_t W_ih^T + biases); on return
-// out[t] = act(out[t] + h_{t-1} W_hh^T), h_{-1} = h0 (B, H). act: 0 = tanh, 1 = relu.
+// out[t] = act(out[t] + h_{t-1} W_hh^T), h_{-1} = h0 (B, H). act: simd::kTanh or simd::kRelu.
 void rnn_recurrence_forward(float* out, const float* h0, const float* packed_t, int64_t T, int64_t B, int64_t H,
                             int64_t act, int num_threads);
 
