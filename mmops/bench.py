@@ -358,7 +358,7 @@ def _syncbn_worker(rank, world, init_file, out_file, N, C, steps):
     except BaseException:
         dist.destroy_process_group()
         raise
-    from .train import end_spawned_worker
+    from ._distributed import end_spawned_worker
 
     end_spawned_worker(dist)
 
@@ -389,8 +389,96 @@ def bench_syncbn(sizes, rounds: int, compile_: bool) -> list[dict]:
     return rows
 
 
+def bench_text(sizes, rounds: int, compile_: bool) -> list[dict]:
+    """`train --text`'s training step (the d2l character RNN: forward, backward, gradient clipping at 1, SGD at
+    lr 1, the state carried between minibatches) in tokens/s, on the same minibatches of the embedded text
+    (--preprocess d2l: the book's 28-token vocabulary) for three implementations with the same parameters:
+    the book's from-scratch loop (mmops.reference: one-hot inputs, a Python loop over time steps), nn.RNN +
+    nn.Linear + F.cross_entropy on one-hot floats, and mmops' TextRNN (token ids, fused RNN, fused
+    cross-entropy). sizes: (batch_size, num_steps, hidden_size)."""
+    from . import data as D
+    from . import models as M
+
+    corpus = D.make_text_corpus(D.default_text(), "d2l")
+    V = len(corpus.vocab)
+    rows = []
+    for B, T, H in sizes:
+        X, Y = D.epoch_minibatches(corpus.stream, B, T, "sequential", torch.Generator().manual_seed(0))
+        ours = M.TextRNN(V, H, "relu", seed=0)
+        params = [p for p in ours.parameters() if p.requires_grad]
+        book = reference.d2l_rnn_params(V, H)
+        with torch.no_grad():  # one set of parameters for all three
+            for name, t in zip(("W_xh", "W_hh", "b_h", "W_hq", "b_q"), params):
+                book[name].copy_(t.T if t.dim() == 2 else t)
+        rnn = torch.nn.RNN(V, H, nonlinearity="relu")
+        head = torch.nn.Linear(H, V)
+        rnn.load_state_dict(ours.rnn.state_dict())
+        head.load_state_dict(ours.head.state_dict())
+        torch_params = list(rnn.parameters()) + list(head.parameters())
+        opt_ours = torch.optim.SGD(params, lr=1.0, foreach=True)
+        opt_torch = torch.optim.SGD(torch_params, lr=1.0, foreach=True)
+
+        def stepper(step):
+            pos = {"k": 0, "state": None}
+
+            def run():
+                k = pos["k"]
+                state = pos["state"].detach() if pos["state"] is not None else None
+                pos["state"] = step(X[k], Y[k], state)
+                pos["k"] = (k + 1) % X.shape[0]
+                if pos["k"] == 0:
+                    pos["state"] = None
+            return run
+
+        def scratch_step(x, y, state):
+            loss, state = reference.d2l_rnn_loss(book, x, y, state)
+            for t in book.values():
+                t.grad = None
+            loss.backward()
+            reference.d2l_grad_clipping(list(book.values()), 1.0)
+            with torch.no_grad():
+                for t in book.values():
+                    t -= 1.0 * t.grad
+            return state
+
+        def torch_step(x, y, state):
+            out, state = rnn(F.one_hot(x, V).float(), state)
+            loss = F.cross_entropy(head(out.reshape(-1, H)), y.reshape(-1))
+            for t in torch_params:
+                t.grad = None
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(torch_params, 1.0, foreach=True)
+            opt_torch.step()
+            return state
+
+        def ours_step(x, y, state):
+            loss, state = ours.loss(x, y, state)
+            for t in params:
+                t.grad = None
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt_ours.step()
+            return state
+
+        cands = {"d2l from scratch (one-hot, Python loop over steps)": stepper(scratch_step),
+                 "nn.RNN + nn.Linear + F.cross_entropy (one-hot)": stepper(torch_step),
+                 "mmops TextRNN (train --text)": stepper(ours_step)}
+        res = interleaved(cands, rounds)
+        names = list(res)
+        scratch, plain = res[names[0]]["median_s"], res[names[1]]["median_s"]
+        for name, r in res.items():
+            rows.append({"op": "text", "size": f"batch {B} x {T} steps, hidden {H}, vocab {V}", "candidate": name,
+                         **r, "tokens_per_s": B * T / r["median_s"], "speedup_vs_torch": plain / r["median_s"],
+                         "speedup_vs_scratch": scratch / r["median_s"]})
+    for r in rows:
+        print(f"{r['candidate']}: {r['tokens_per_s']:,.0f} tokens/s ({r['speedup_vs_scratch']:.2f}x the from-scratch "
+              f"loop, {r['speedup_vs_torch']:.2f}x nn.RNN)")
+    return rows
+
+
 BENCHMARKS = {"ce": (bench_ce, CE_SIZES), "bn": (bench_bn, BN_SIZES), "rnn": (bench_rnn, RNN_SIZES),
-              "train": (bench_train, [500]), "syncbn": (bench_syncbn, SYNCBN_SIZES)}
+              "train": (bench_train, [500]), "syncbn": (bench_syncbn, SYNCBN_SIZES),
+              "text": (bench_text, [(32, 35, 256)])}
 
 
 def _cpuinfo(field: str) -> str:
