@@ -268,3 +268,33 @@ def test_bad_target_fails_before_inplace_write():
     with pytest.raises(IndexError):
         mmops.cross_entropy(x.requires_grad_(), torch.tensor([0, 1, 9, 2]), inplace_backward=True)
     torch.testing.assert_close(x.detach(), before)
+
+
+def test_equal_large_logits_give_log_c():
+    """issue 15: with lse = m + log s, 1e8 + log 40 rounds back to 1e8 and the loss came out 0."""
+    for C in (27, 40):
+        x = torch.full((2, C), 1e8)
+        loss = mmops.cross_entropy(x, torch.tensor([0, 1]))
+        torch.testing.assert_close(loss, torch.tensor(C, dtype=torch.float32).log())
+
+
+# Every loss is log s + (m - x_y) (or sums of w t' (m - x_c)): nothing subtracts two numbers of the offset's
+# size. (27, 40) is the AVX-512 small-row path when there is no weight or smoothing; (9, 300) the generic one.
+@pytest.mark.parametrize("offset", [1e4, 1e8, -1e8, 1e30])
+@pytest.mark.parametrize("shape", [(40, 27), (9, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", ["index", "index weight smoothing", "probability", "probability weight smoothing"])
+def test_large_logit_offsets_match_torch(offset, shape, dtype, reduction, case):
+    N, C = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, generator=g, dtype=dtype) * 3 + offset
+    if case.startswith("index"):
+        t = torch.randint(0, C, (N,), generator=g)
+    else:
+        t = torch.softmax(torch.randn(N, C, generator=g, dtype=dtype), 1)
+    kw = dict(weight=torch.rand(C, generator=g, dtype=dtype) + 0.5, label_smoothing=0.1) if "weight" in case else {}
+    (l1, g1), (l2, g2) = _both(x, t, reduction=reduction, go_seed=4, **kw)
+    assert torch.isfinite(l2).all()
+    torch.testing.assert_close(l1, l2, **tol(dtype))
+    torch.testing.assert_close(g1, g2, **tol(dtype))

@@ -56,7 +56,8 @@ struct CEArgs {
 // loop would spend most of its time in the scalar remainder of each row, so the block does
 //   pass 1, per row: max m, x[y] and the smoothing dot, and work = x - m (cheap short loops);
 //   pass 2, flat:    work = exp(work) over the whole block at full vector width;
-//   pass 3, per row: s = sum(work), lse = m + log s, the loss, and the gradient from work in place.
+//   pass 3, per row: s = sum(work), the loss as log s + (m - x_y) (never lse = m + log s minus a logit: two
+//                    large numbers would cancel), and the gradient from work in place.
 // `work` is the gradient rows themselves (or a scratch block when no gradient is wanted), so when the
 // gradient aliases x (inplace_backward) everything that reads x happens in pass 1, before it is overwritten.
 constexpr int64_t kBlockElements = 2048;
@@ -66,8 +67,8 @@ template <typename T>
 struct RowBlock {
   T m[kMaxBlockRows];
   T x_y[kMaxBlockRows];
-  T aux[kMaxBlockRows];  // smoothing dot (index targets) or T = sum w t' (probability targets)
-  T aux2[kMaxBlockRows];  // sum w t' x (probability targets)
+  T aux[kMaxBlockRows];  // sum_c w_c (m - x_c) (index targets, smoothing) or T = sum w t' (probability targets)
+  T aux2[kMaxBlockRows];  // sum_c w_c t'_c (m - x_c) (probability targets)
 };
 
 template <typename T>
@@ -108,8 +109,8 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
       const T m = simd::row_max(x, C);
       rb.m[r] = m;
       rb.x_y[r] = x[y];
-      if (kSmooth) rb.aux[r] = kWeight ? simd::dot(a.w, x, C) : simd::sum(x, C);
       sub_store(x, w, C, m);
+      if (kSmooth) rb.aux[r] = -(kWeight ? simd::dot(a.w, w, C) : simd::sum(w, C));  // sum_c w_c (m - x_c)
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -120,10 +121,10 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
         continue;
       }
       const T s = simd::sum(g, C);
-      const T lse = rb.m[r] + std::log(s);
+      const T log_s = std::log(s);
       const T w_y = kWeight ? a.w[y] : T(1);
-      T loss = w_y * (lse - rb.x_y[r]);
-      if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * lse - rb.aux[r]);
+      T loss = w_y * (log_s + (rb.m[r] - rb.x_y[r]));
+      if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * log_s + rb.aux[r]);
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
@@ -162,18 +163,19 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       const T* x = a.x + (i0 + r) * C;
       const T* t = a.t + (i0 + r) * C;
       const T m = simd::row_max(x, C);
-      T tw_sum = 0, tw_dot = 0;  // sum_c w_c t'_c and sum_c w_c t'_c x_c
-#pragma omp simd reduction(+ : tw_sum, tw_dot)
+      T* w = work + r * C;
+      sub_store(x, w, C, m);
+      T tw_sum = 0, tw_gap = 0;  // sum_c w_c t'_c and sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : tw_sum, tw_gap)
       for (int64_t j = 0; j < C; ++j) {
         T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
         if (kWeight) tj *= a.w[j];
         tw_sum += tj;
-        tw_dot += tj * x[j];
+        tw_gap -= tj * w[j];
       }
       rb.m[r] = m;
       rb.aux[r] = tw_sum;
-      rb.aux2[r] = tw_dot;
-      sub_store(x, work + r * C, C, m);
+      rb.aux2[r] = tw_gap;
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -181,8 +183,7 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       T* g = work + r * C;
       const T* t = a.t + i * C;
       const T s = simd::sum(g, C);
-      const T lse = rb.m[r] + std::log(s);
-      const T loss = rb.aux[r] * lse - rb.aux2[r];
+      const T loss = rb.aux[r] * std::log(s) + rb.aux2[r];
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
@@ -266,7 +267,7 @@ struct SmallRowsLoss {
   int in_prod = 0;
   void add(int64_t i, float m, float s, float x_y) {
     if (loss_rows) {
-      const float loss = m + std::log(s) - x_y;
+      const float loss = std::log(s) + (m - x_y);
       loss_rows[i] = loss;
       total += loss;
     } else {
