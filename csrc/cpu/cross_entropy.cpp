@@ -206,28 +206,6 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
 // max, exp, sum and the gradient store take a handful of instructions and no scalar remainder loop. Covers
 // the plain case (class-index targets, no weight, no smoothing); the others take the generic blocks.
 #define MMOPS_AVX512_SMALL_ROWS 1
-#define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
-
-// simd::exp, lane-wise: the same Cephes polynomial; 2^n applied by scalef; NaN kept (min/max return
-// their second operand when one is NaN, so x goes second); x < -87.34 flushed to 0.
-MMOPS_AVX512 __m512 exp_avx512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
-  __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
-  const __m512 res = _mm512_scalef_ps(p, n);
-  return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
-}
 
 // One row of C <= 32 logits in two masked vectors: e = exp(x - m), m = max, s = sum e.
 MMOPS_AVX512 void small_row_exp(const float* x, __mmask16 k0, __mmask16 k1, __m512 ninf, __m512& e0, __m512& e1,
@@ -236,8 +214,10 @@ MMOPS_AVX512 void small_row_exp(const float* x, __mmask16 k0, __mmask16 k1, __m5
   const __m512 x1 = _mm512_mask_loadu_ps(ninf, k1, x + 16);
   m = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
   const __m512 vm = _mm512_set1_ps(m);
-  e0 = exp_avx512(_mm512_sub_ps(x0, vm));
-  e1 = exp_avx512(_mm512_sub_ps(x1, vm));
+  // Padded lanes hold -inf - m = -inf: simd::exp clamps them to exp(-87) (a normal number) and then selects 0
+  // through a compare, so no lane ever holds a subnormal; maskz makes them 0 even when m is -inf or NaN.
+  e0 = _mm512_maskz_mov_ps(k0, simd::exp(_mm512_sub_ps(x0, vm)));
+  e1 = _mm512_maskz_mov_ps(k1, simd::exp(_mm512_sub_ps(x1, vm)));
   s = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
 }
 
