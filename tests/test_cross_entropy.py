@@ -51,8 +51,9 @@ def test_class_targets_match_torch(shape, dtype, reduction, weighted, smoothing,
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_probability_targets_match_torch(dtype, reduction, weighted, smoothing):
-    N, C = 33, 19
+@pytest.mark.parametrize("shape", [(33, 19), (3, 2500)])  # blocks of short rows; long rows one at a time
+def test_probability_targets_match_torch(dtype, reduction, weighted, smoothing, shape):
+    N, C = shape
     x = torch.randn(N, C, dtype=dtype)
     t = torch.softmax(torch.randn(N, C, dtype=dtype), 1)
     w = torch.rand(C, dtype=dtype) if weighted else None

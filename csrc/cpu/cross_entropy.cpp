@@ -18,17 +18,15 @@
 // design (save lse, recompute p in backward) reads x twice and writes the same gradient; it is not
 // implemented here, so the two have not been measured against each other yet.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <vector>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "cpu/simd.h"
 
@@ -200,147 +198,200 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
   return total;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMOPS_NO_CLONES)
-// Short rows on AVX-512 (C <= 32: makemore's 27 characters). A whole row sits in two zmm registers filled by
-// masked loads (lanes past C read as -inf, so exp gives 0 there and nothing outside the row is touched), so
-// max, exp, sum and the gradient store take a handful of instructions and no scalar remainder loop. Covers
-// the plain case (class-index targets, no weight, no smoothing); the others take the generic blocks.
-#define MMOPS_AVX512_SMALL_ROWS 1
-
-// One row of C <= 32 logits in two masked vectors: e = exp(x - m), m = max, s = sum e.
-MMOPS_AVX512 void small_row_exp(const float* x, __mmask16 k0, __mmask16 k1, __m512 ninf, __m512& e0, __m512& e1,
-                                       float& m, float& s) {
-  const __m512 x0 = _mm512_mask_loadu_ps(ninf, k0, x);
-  const __m512 x1 = _mm512_mask_loadu_ps(ninf, k1, x + 16);
-  m = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
-  const __m512 vm = _mm512_set1_ps(m);
-  // Padded lanes hold -inf - m = -inf: simd::exp clamps them to exp(-87) (a normal number) and then selects 0
-  // through a compare, so no lane ever holds a subnormal; maskz makes them 0 even when m is -inf or NaN.
-  e0 = _mm512_maskz_mov_ps(k0, simd::exp(_mm512_sub_ps(x0, vm)));
-  e1 = _mm512_maskz_mov_ps(k1, simd::exp(_mm512_sub_ps(x1, vm)));
-  s = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+// Long rows (C >= kBlockElements): the row alone fills the vector loops, so no block is needed and the
+// passes fuse: max; then exp(x - m) with its sum (and the smoothing or target sums) in one loop, writing
+// the gradient row (nothing when no gradient is wanted); then the gradient scaled in place. Three passes
+// over the row instead of five; x[y] and every sum that reads x come before the write that may overwrite it.
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  const T e_over_C = a.eps / static_cast<T>(C);
+  double total = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t y = a.y[i];
+    const T* x = a.x + i * C;
+    T* g = kGrad ? a.grad + i * C : nullptr;
+    if (y == a.ignore_index) {
+      if (kGrad) std::fill(g, g + C, T(0));
+      if (a.loss_rows) a.loss_rows[i] = 0;
+      continue;
+    }
+    const T m = simd::row_max(x, C);
+    const T x_y = x[y];
+    T s = 0, smooth_gap = 0;  // sum_c exp(x_c - m) and sum_c w_c (m - x_c)
+#pragma omp simd reduction(+ : s, smooth_gap)
+    for (int64_t j = 0; j < C; ++j) {
+      const T d = x[j] - m;
+      if (kSmooth) smooth_gap -= kWeight ? a.w[j] * d : d;
+      const T e = simd::exp(d);
+      if (kGrad) g[j] = e;
+      s += e;
+    }
+    const T log_s = std::log(s);
+    const T w_y = kWeight ? a.w[y] : T(1);
+    T loss = w_y * (log_s + (m - x_y));
+    if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * log_s + smooth_gap);
+    total += loss;
+    if (a.loss_rows) a.loss_rows[i] = loss;
+    if (kGrad) {
+      const T hot = kSmooth ? (1 - a.eps) * w_y : w_y;
+      const T coef = a.rs * (kSmooth ? hot + e_over_C * a.W : hot) / s, c2 = a.rs * e_over_C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - (kSmooth ? (kWeight ? c2 * a.w[j] : c2) : T(0));
+      g[y] -= a.rs * hot;
+    }
+  }
+  return total;
 }
 
-// The gradient row rs * (e / s - onehot(y)): the one-hot subtraction in the register, no scalar
-// read-modify-write after the masked store.
-MMOPS_AVX512 void store_small_grad(float* g, int64_t y, __m512 e0, __m512 e1, float s, float rs_f, __m512 rs,
-                                          __mmask16 k0, __mmask16 k1) {
-  const __m512 coef = _mm512_set1_ps(rs_f / s);
-  const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
-  const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
-  const __m512 p0 = _mm512_mul_ps(e0, coef), p1 = _mm512_mul_ps(e1, coef);
-  _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, rs));
-  _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, rs));
-}
-
-MMOPS_AVX512 void zero_small_row(float* g, __mmask16 k0, __mmask16 k1) {
-  _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
-  _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
-}
-
-// The loss of a block of rows: per row for "none", else a running total with sum_i log(s_i) taken as
-// log(prod_i s_i): with 1 <= s_i <= C <= 32, a product of 16 rows stays below 2^80 in double and one log
-// serves 16 rows.
-struct SmallRowsLoss {
-  float* loss_rows;
-  double total = 0, prod = 1;
-  int in_prod = 0;
-  void add(int64_t i, float m, float s, float x_y) {
-    if (loss_rows) {
-      const float loss = std::log(s) + (m - x_y);
-      loss_rows[i] = loss;
-      total += loss;
-    } else {
-      total += static_cast<double>(m) - x_y;
-      prod *= s;
-      if (++in_prod == 16 || !(s >= 1.0f)) {  // s < 1 or NaN: do not let it hide in the product
-        total += std::log(prod);
-        prod = 1;
-        in_prod = 0;
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  const T keep = 1 - a.eps, e_over_C = a.eps / static_cast<T>(C);
+  double total = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* x = a.x + i * C;
+    const T* t = a.t + i * C;
+    T* g = kGrad ? a.grad + i * C : nullptr;
+    const T m = simd::row_max(x, C);
+    T s = 0, tw_sum = 0, tw_gap = 0;  // sum exp(x - m), sum_c w_c t'_c, sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : s, tw_sum, tw_gap)
+    for (int64_t j = 0; j < C; ++j) {
+      const T d = x[j] - m;
+      T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+      if (kWeight) tj *= a.w[j];
+      tw_sum += tj;
+      tw_gap -= tj * d;
+      const T e = simd::exp(d);
+      if (kGrad) g[j] = e;
+      s += e;
+    }
+    const T loss = tw_sum * std::log(s) + tw_gap;
+    total += loss;
+    if (a.loss_rows) a.loss_rows[i] = loss;
+    if (kGrad) {
+      const T coef = a.rs * tw_sum / s;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+        if (kWeight) tj *= a.w[j];
+        g[j] = g[j] * coef - a.rs * tj;
       }
     }
   }
-  double finish() { return in_prod ? total + std::log(prod) : total; }
-};
-
-MMOPS_AVX512 void small_row(const CEArgs<float>& a, int64_t i, __mmask16 k0, __mmask16 k1, __m512 ninf, __m512 rs,
-                            SmallRowsLoss& acc) {
-  const int64_t y = a.y[i];
-  const float* x = a.x + i * a.C;
-  float* g = a.grad ? a.grad + i * a.C : nullptr;
-  if (y == a.ignore_index) {
-    if (g) zero_small_row(g, k0, k1);
-    if (a.loss_rows) a.loss_rows[i] = 0;
-    return;
-  }
-  __m512 e0, e1;
-  float m, s;
-  const float x_y = x[y];  // read before the gradient store (which may overwrite x)
-  small_row_exp(x, k0, k1, ninf, e0, e1, m, s);
-  acc.add(i, m, s, x_y);
-  if (g) store_small_grad(g, y, e0, e1, s, a.rs, rs, k0, k1);
+  return total;
 }
 
-__attribute__((target("avx512f"))) double ce_small_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
+#ifdef MMOPS_X86
+// Short rows on AVX-512 (C <= 32: makemore's 27 characters), for the plain case (class-index targets, no
+// weight, no smoothing; the others take the generic blocks). A whole row sits in one or two zmm registers
+// filled by masked loads, so max, exp, sum and the gradient store take a handful of instructions and no
+// scalar remainder loop. Lanes past C load as -inf (they never win the max) and are zeroed after the exp
+// with maskz; nothing outside the row is read or written (masked lanes do not fault).
+//
+// Rows go in groups of 16: the per-row work (no call inside) first, then the losses, whose log is a libm
+// call: a call clobbers every zmm register, so none may sit between a row's exp and its gradient store.
+// For "mean"/"sum" the 16 rows share one log: sum_r log(s_r) = log(prod_r s_r), and with 1 <= s_r <= 32
+// (exp(0) = 1 at the max) the product stays below 2^80 in double; a NaN s propagates through it.
+constexpr int kShortRowGroup = 16;
+
+template <bool kTwoVectors>
+MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
   const __mmask16 k0 = C >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << C) - 1);
   const __mmask16 k1 = C > 16 ? __mmask16((1u << (C - 16)) - 1) : __mmask16(0);
-  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   const __m512 rs = _mm512_set1_ps(a.rs);
-  SmallRowsLoss acc{a.loss_rows};
-  // Four rows at a time: one row is a chain of dependent steps (max reduction -> exp polynomial -> sum
-  // reduction) that leaves the FMA units idle; four independent chains in one block let the core overlap
-  // them. A group with an ignored row goes row by row.
-  constexpr int R = 4;
-  int64_t i = begin;
-  for (; i + R <= end; i += R) {
-    int64_t y[R];
-    bool ignored = false;
-    for (int r = 0; r < R; ++r) {
-      y[r] = a.y[i + r];
-      ignored |= y[r] == a.ignore_index;
+  float row_sum[kShortRowGroup], gap[kShortRowGroup];  // s and m - x_y per row of the group
+  double total = 0;
+  for (int64_t i0 = begin; i0 < end; i0 += kShortRowGroup) {
+    const int rows = static_cast<int>(std::min<int64_t>(kShortRowGroup, end - i0));
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r, y = a.y[i];
+      const float* x = a.x + i * C;
+      float* g = a.grad ? a.grad + i * C : nullptr;
+      if (y == a.ignore_index) {  // loss log(1) + 0 = 0, gradient row 0
+        row_sum[r] = 1.0f;
+        gap[r] = 0.0f;
+        if (g) {
+          _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
+          if (kTwoVectors) _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
+        }
+        continue;
+      }
+      const float x_y = x[y];  // read before the gradient store (which may overwrite x)
+      const __m512 x0 = _mm512_mask_loadu_ps(neg_inf, k0, x);
+      const __m512 x1 = kTwoVectors ? _mm512_mask_loadu_ps(neg_inf, k1, x + 16) : neg_inf;
+      const float m = _mm512_reduce_max_ps(kTwoVectors ? _mm512_max_ps(x0, x1) : x0);
+      const __m512 vm = _mm512_set1_ps(m);
+      // Padded lanes hold -inf - m = -inf: simd::exp clamps them to exp(-87) (a normal number) and selects 0
+      // through a compare, so no lane ever holds a subnormal; maskz makes them 0 even when m is -inf or NaN.
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, simd::exp(_mm512_sub_ps(x0, vm)));
+      const __m512 e1 = kTwoVectors ? _mm512_maskz_mov_ps(k1, simd::exp(_mm512_sub_ps(x1, vm))) : _mm512_setzero_ps();
+      const float s = _mm512_reduce_add_ps(kTwoVectors ? _mm512_add_ps(e0, e1) : e0);
+      row_sum[r] = s;
+      gap[r] = m - x_y;
+      if (g) {  // rs * (e / s - onehot(y)): the one-hot subtraction in the register
+        const __m512 coef = _mm512_set1_ps(a.rs / s);
+        const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
+        const __m512 p0 = _mm512_mul_ps(e0, coef);
+        _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, rs));
+        if (kTwoVectors) {
+          const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
+          const __m512 p1 = _mm512_mul_ps(e1, coef);
+          _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, rs));
+        }
+      }
     }
-    if (ignored) {
-      for (int r = 0; r < R; ++r) small_row(a, i + r, k0, k1, ninf, rs, acc);
-      continue;
+    if (a.loss_rows) {
+      for (int r = 0; r < rows; ++r) {
+        const float loss = std::log(row_sum[r]) + gap[r];
+        a.loss_rows[i0 + r] = loss;
+        total += loss;
+      }
+    } else {
+      double prod = 1;
+      for (int r = 0; r < rows; ++r) {
+        total += gap[r];
+        prod *= row_sum[r];
+      }
+      total += std::log(prod);
     }
-    __m512 e0[R], e1[R];
-    float m[R], s[R], x_y[R];
-    for (int r = 0; r < R; ++r) {  // inlined into one block: the four rows' chains are independent
-      const float* x = a.x + (i + r) * C;
-      x_y[r] = x[y[r]];
-      small_row_exp(x, k0, k1, ninf, e0[r], e1[r], m[r], s[r]);
-    }
-    for (int r = 0; r < R; ++r) acc.add(i + r, m[r], s[r], x_y[r]);
-    if (a.grad)
-      for (int r = 0; r < R; ++r) store_small_grad(a.grad + (i + r) * C, y[r], e0[r], e1[r], s[r], a.rs, rs, k0, k1);
   }
-  for (; i < end; ++i) small_row(a, i, k0, k1, ninf, rs, acc);
-  return acc.finish();
+  return total;
 }
 
-bool cpu_has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
+MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
+  return a.C > 16 ? ce_short_rows_avx512<true>(a, begin, end) : ce_short_rows_avx512<false>(a, begin, end);
+}
+
+// out[i, :] = g[i, :] * go[i * go_stride] with full vectors and one masked tail per row (no scalar loop).
+MMOPS_AVX512_TARGET void scale_rows_avx512(const float* g, float* out, int64_t rows, int64_t C, const float* go,
+                                           int64_t go_stride) {
+  const int64_t full = C / 16 * 16;
+  const __mmask16 tail = __mmask16((1u << (C - full)) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 scale = _mm512_set1_ps(go[i * go_stride]);
+    const float* gi = g + i * C;
+    float* oi = out + i * C;
+    for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(oi + j, _mm512_mul_ps(_mm512_loadu_ps(gi + j), scale));
+    if (tail) _mm512_mask_storeu_ps(oi + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, gi + full), scale));
+  }
 }
 #endif
 
 // Picks the instantiation for the options once per block of rows, not per row.
 template <typename T>
 MMOPS_INLINE double ce_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
-  // Scratch for the exp block when no gradient is written: on the stack unless one row is longer.
-  T stack_scratch[kBlockElements];
-  std::vector<T> heap_scratch;
-  T* scratch = stack_scratch;
-  if (a.grad == nullptr && a.C > kBlockElements) {
-    heap_scratch.resize(a.C);
-    scratch = heap_scratch.data();
-  }
   const bool weight = a.w != nullptr, smooth = a.eps != 0, grad = a.grad != nullptr;
-#define MMOPS_CE_CASE(W, S, G)                                                        \
-  if (weight == W && smooth == S && grad == G)                                        \
-    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch)     \
-                 : ce_index_rows<T, W, S, G>(a, begin, end, scratch);
+  const bool long_rows = a.C >= kBlockElements;
+  T scratch[kBlockElements];  // the exp block of short rows when no gradient is written
+#define MMOPS_CE_CASE(W, S, G)                                                                         \
+  if (weight == W && smooth == S && grad == G) {                                                       \
+    if (long_rows)                                                                                     \
+      return a.t ? ce_prob_long_rows<T, W, S, G>(a, begin, end) : ce_index_long_rows<T, W, S, G>(a, begin, end); \
+    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch) : ce_index_rows<T, W, S, G>(a, begin, end, scratch); \
+  }
   MMOPS_CE_CASE(false, false, true)
   MMOPS_CE_CASE(false, false, false)
   MMOPS_CE_CASE(false, true, true)
@@ -359,8 +410,8 @@ MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int6
 }
 double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
 double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) {
-#ifdef MMOPS_AVX512_SMALL_ROWS
-  if (a.C <= 32 && a.y && !a.w && a.eps == 0 && cpu_has_avx512()) return ce_small_rows_avx512(a, b, e);
+#ifdef MMOPS_X86
+  if (a.C <= 32 && a.y && !a.w && a.eps == 0 && simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
 #endif
   return ce_rows_f32(a, b, e);
 }
@@ -376,6 +427,9 @@ MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, 
   }
 }
 void scale_rows_any(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
+#ifdef MMOPS_X86
+  if (simd::cpu_has_avx512()) return scale_rows_avx512(g, out, rows, C, go, st);
+#endif
   scale_rows_f32(g, out, rows, C, go, st);
 }
 void scale_rows_any(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
@@ -384,7 +438,6 @@ void scale_rows_any(const double* g, double* out, int64_t rows, int64_t C, const
 }
 
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
-constexpr int64_t kGrainElements = 16384;  // below this a row block is not worth waking a thread for
 
 void check_common(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                   int64_t reduction, double label_smoothing) {
@@ -417,15 +470,53 @@ void check_common(const Tensor& input, const Tensor& target, const std::optional
   }
 }
 
+// The range check of every class-index target and the denominator of "mean" (the number of rows not
+// ignored, or the sum of their weights) in one vectorisable pass, before anything is written
+// (inplace_backward overwrites the logits, so a bad target must fail first). Returns the number of bad targets.
+template <bool kWeight, typename T>
+MMOPS_INLINE int64_t scan_targets(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index, const T* w,
+                                  double& denom) {
+  int64_t bad = 0;
+  double counted = 0;
+#pragma omp simd reduction(+ : bad, counted)
+  for (int64_t i = 0; i < N; ++i) {
+    const bool ignored = y[i] == ignore_index;
+    const bool in_range = static_cast<uint64_t>(y[i]) < static_cast<uint64_t>(C);
+    bad += !ignored && !in_range;
+    const double w_y = kWeight ? static_cast<double>(w[in_range ? y[i] : 0]) : 1.0;
+    counted += !ignored && in_range ? w_y : 0.0;
+  }
+  denom = counted;
+  return bad;
+}
+MMOPS_SIMD_CLONES int64_t scan_targets_unweighted(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index,
+                                                  double& denom) {
+  return scan_targets<false, float>(y, N, C, ignore_index, nullptr, denom);
+}
+template <typename T>
+int64_t scan_targets_any(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index, const T* w, double& denom) {
+  return w ? scan_targets<true>(y, N, C, ignore_index, w, denom)
+           : scan_targets_unweighted(y, N, C, ignore_index, denom);
+}
+
 // Runs the fused forward; writes the gradient into `grad` (nullptr: no gradient). Returns the loss.
 Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& weight_in,
                        int64_t reduction, int64_t ignore_index, double label_smoothing, const Tensor* grad) {
   const int64_t N = x.size(0), C = x.size(1);
   const bool prob = at::isFloatingType(target_in.scalar_type());
-  const Tensor target = target_in.contiguous();
-  Tensor weight;
-  if (weight_in.has_value() && weight_in->defined()) weight = weight_in->to(x.scalar_type()).contiguous();
-  Tensor loss = reduction == kReductionNone ? at::empty({N}, x.options()) : at::empty({}, x.options());
+  const c10::MaybeOwned<Tensor> target = target_in.expect_contiguous();
+  // The Python layer passes the weight in the input's dtype, contiguous: no copy then.
+  Tensor weight_copy;
+  const Tensor* weight = nullptr;
+  if (weight_in.has_value() && weight_in->defined()) {
+    weight = &*weight_in;
+    if (weight->scalar_type() != x.scalar_type() || !weight->is_contiguous()) {
+      weight_copy = weight->to(x.scalar_type()).contiguous();
+      weight = &weight_copy;
+    }
+  }
+  Tensor loss = reduction == kReductionNone ? at::detail::empty_cpu({N}, x.scalar_type())
+                                            : at::detail::empty_cpu({}, x.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_cross_entropy_forward", [&] {
     CEArgs<scalar_t> a;
@@ -435,39 +526,41 @@ Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::opti
     a.eps = static_cast<scalar_t>(label_smoothing);
     a.grad = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
     a.loss_rows = reduction == kReductionNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-    if (weight.defined()) {
-      a.w = weight.const_data_ptr<scalar_t>();
+    if (weight) {
+      a.w = weight->const_data_ptr<scalar_t>();
       a.W = static_cast<scalar_t>(simd::sum(a.w, C));
     } else {
       a.W = static_cast<scalar_t>(C);
     }
-    // The denominator of "mean", and the range check of every target before anything is written
-    // (inplace_backward overwrites the logits, so a bad target must fail first).
     double denom = static_cast<double>(N);
     if (prob) {
-      a.t = target.const_data_ptr<scalar_t>();
+      a.t = target->const_data_ptr<scalar_t>();
     } else {
-      a.y = target.const_data_ptr<int64_t>();
-      denom = 0;
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t y = a.y[i];
-        if (y == ignore_index) continue;
-        TORCH_CHECK_INDEX(y >= 0 && y < C, "mmops.cross_entropy: target[", i, "] = ", y, " is out of range: "
-                          "expected 0 <= target < ", C, " (the number of classes) or target == ignore_index (",
-                          ignore_index, ")");
-        denom += a.w ? static_cast<double>(a.w[y]) : 1.0;
+      a.y = target->const_data_ptr<int64_t>();
+      if (scan_targets_any(a.y, N, C, ignore_index, a.w, denom) != 0) {
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t y = a.y[i];
+          TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < C), "mmops.cross_entropy: target[", i, "] = ", y,
+                            " is out of range: expected 0 <= target < ", C, " (the number of classes) or target == "
+                            "ignore_index (", ignore_index, ")");
+        }
       }
     }
     a.rs = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
 
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / C);
-    std::vector<double> partial(std::max(1, at::get_num_threads()), 0.0);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      partial[at::get_thread_num()] += ce_rows_any(a, begin, end);
-    });
-    if (reduction != kReductionNone) {
-      double total = 0;
+    // Below a grain of work the rows run here: no parallel region, no per-thread partial sums.
+    const int64_t grain_rows = std::max<int64_t>(1, simd::kGrainElements / C);
+    double total = 0;
+    if (N <= grain_rows || at::get_num_threads() == 1 || at::in_parallel_region()) {
+      total = ce_rows_any(a, 0, N);
+    } else {
+      std::vector<double> partial(at::get_num_threads(), 0.0);
+      at::parallel_for(0, N, grain_rows, [&](int64_t begin, int64_t end) {
+        partial[at::get_thread_num()] += ce_rows_any(a, begin, end);
+      });
       for (double p : partial) total += p;
+    }
+    if (reduction != kReductionNone) {
       if (reduction == kReductionMean) total /= denom;  // all rows ignored: 0/0 = nan, as in PyTorch
       *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
     }
@@ -479,11 +572,13 @@ std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tens
                                                  const std::optional<Tensor>& weight, int64_t reduction,
                                                  int64_t ignore_index, double label_smoothing, bool compute_grad) {
   check_common(input, target, weight, reduction, label_smoothing);
-  const Tensor x = input.contiguous();
-  Tensor grad = compute_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor loss = ce_forward_impl(x, target, weight, reduction, ignore_index, label_smoothing,
+  const c10::MaybeOwned<Tensor> x = input.expect_contiguous();
+  // at::detail::empty_cpu: these kernels are registered for the CPU only, so no dispatch is needed.
+  Tensor grad = compute_grad ? at::detail::empty_cpu(x->sizes(), x->scalar_type())
+                             : at::detail::empty_cpu({0}, x->scalar_type());
+  Tensor loss = ce_forward_impl(*x, target, weight, reduction, ignore_index, label_smoothing,
                                 compute_grad ? &grad : nullptr);
-  return {loss, grad};
+  return {std::move(loss), std::move(grad)};
 }
 
 // inplace_backward: the gradient overwrites the logits (saves one logits-sized buffer).
@@ -503,21 +598,27 @@ void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
   TORCH_CHECK_VALUE(grad_output.numel() == 1 || (grad_output.dim() == 1 && grad_output.size(0) == N),
                     "mmops.cross_entropy backward: grad_output must be a scalar or of shape (", N, ",), got ",
                     grad_output.sizes());
+  const c10::MaybeOwned<Tensor> go = grad_output.scalar_type() == grad.scalar_type()
+                                         ? c10::MaybeOwned<Tensor>::borrowed(grad_output)
+                                         : c10::MaybeOwned<Tensor>::owned(grad_output.to(grad.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mmops_cross_entropy_scale_grad", [&] {
-    const Tensor go = grad_output.to(grad.scalar_type());
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* gp = go.const_data_ptr<scalar_t>();
-    const int64_t stride = go.numel() == 1 ? 0 : go.stride(0);
+    const scalar_t* gp = go->const_data_ptr<scalar_t>();
+    const int64_t stride = go->numel() == 1 ? 0 : go->stride(0);
     if (o == g && stride == 0 && *gp == scalar_t(1)) return;
-    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-      scale_rows_any(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
-    });
+    at::parallel_for(0, N, std::max<int64_t>(1, simd::kGrainElements / std::max<int64_t>(C, 1)),
+                     [&](int64_t b, int64_t e) {
+                       if (stride == 0)  // one scale for all: the rows are one flat run
+                         scale_rows_any(g + b * C, o + b * C, 1, (e - b) * C, gp, 0);
+                       else
+                         scale_rows_any(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
+                     });
   });
 }
 
 Tensor cross_entropy_backward(const Tensor& grad, const Tensor& grad_output) {
-  Tensor out = at::empty(grad.sizes(), grad.options());
+  Tensor out = at::detail::empty_cpu(grad.sizes(), grad.scalar_type());
   scale_grad(grad, grad_output, out);
   return out;
 }
