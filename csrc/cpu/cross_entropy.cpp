@@ -1,31 +1,35 @@
 // Fused cross-entropy (log-softmax + NLL) on the CPU: the forward, which also writes the gradient, and
 // the backward, which only scales it.
 //
-// The math, for row i of logits x with C classes, p = softmax(x_i), lse = logsumexp(x_i):
+// The math, for row i of logits x with C classes, m = max_c x_c, s = sum_c exp(x_c - m), p = exp(x - m) / s
+// (lse = m + log s is never formed: it would be subtracted from a logit of the same size, and at 1e8 the
+// log s would be lost to rounding; every loss below is a sum of log s and of gaps m - x_c >= 0):
 //   class-index target y (weights w, 1 when absent; W = sum_c w_c; label smoothing e):
-//     loss_i    = (1-e) w_y (lse - x_y) + e/C (W lse - sum_c w_c x_c)            [0 if y == ignore_index]
-//     dloss_i/dx_ij = ((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]
+//     loss_i        = (1-e) w_y (log s + (m - x_y)) + e/C (W log s + sum_c w_c (m - x_c))   [0 if y is ignored]
+//     dloss_i/dx_ij = ((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]                 [0 if y is ignored]
 //     (e = 0, w = 1: the notebook's one-liner  dlogits = softmax; dlogits[range(n), Y] -= 1; /= n)
 //   probability target t (t' = (1-e) t + e/C, T = sum_c w_c t'_c):
-//     loss_i    = T lse - sum_c w_c t'_c x_c
+//     loss_i        = T log s + sum_c w_c t'_c (m - x_c)
 //     dloss_i/dx_ij = T p_j - w_j t'_j
 //   reduction: "none" keeps loss_i; "sum" adds; "mean" divides by D = sum of w_y over the rows that are
 //   not ignored (PyTorch's nll_loss rule; 0/0 = nan when all are) or by N for probability targets.
+//   The forward writes G_ij = r dloss_i/dx_ij, r = 1/D for "mean", else 1 (the gradient of the loss it returns).
+//   The backward, given grad_output g (a scalar for "mean"/"sum", one value per row for "none"):
+//     dL/dx_ij = g_i G_ij   (g_i = g for a scalar), a copy scaled row by row, or in place for inplace_backward
+//     (there a scalar g = 1 leaves G as it is).
 //
-// Why the gradient is written by the forward: the row is in L1 right after its softmax, so writing
-// rs * dloss_i/dx_i (rs = 1/D for mean, else 1) costs one streaming store and no second read of x. The
-// backward is then free when grad_output == 1 (loss.backward()) and one multiply otherwise. The other
-// design (save lse, recompute p in backward) reads x twice and writes the same gradient; it is not
-// implemented here, so the two have not been measured against each other yet.
+// Why the gradient is written by the forward: the row is in L1 right after its softmax, so writing G costs
+// one store and no second read of x. The backward is then free when grad_output == 1 (loss.backward()) and
+// one multiply otherwise. The other design (save lse, recompute p in backward) reads x twice and computes
+// exp twice; it is not implemented here, so the two have not been measured against each other.
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -35,6 +39,7 @@ namespace {
 
 using at::Tensor;
 
+// One forward call's operands, in the names of the math above.
 template <typename T>
 struct CEArgs {
   const T* x = nullptr;        // (N, C) logits, contiguous
@@ -42,17 +47,18 @@ struct CEArgs {
   const int64_t* y = nullptr;  // (N,) class indices, or
   const T* t = nullptr;        // (N, C) class probabilities
   const T* w = nullptr;        // (C,) class weights or nullptr
-  T W = 0;                     // sum of w (C when w is absent)
+  T weight_sum = 0;            // W = sum of w (C when w is absent)
   int64_t ignore_index = -100;
-  T eps = 0;                   // label smoothing
-  T rs = 1;                    // gradient row scale: 1/D for mean, else 1
+  T smoothing = 0;             // e
+  T grad_scale = 1;            // r = 1/D for "mean", else 1
   T* grad = nullptr;           // (N, C) gradient out (may alias x: inplace_backward), or nullptr
   T* loss_rows = nullptr;      // (N,) per-row loss for reduction "none", or nullptr
 };
 
-// Rows are processed in blocks of about kBlockElements values: for short rows (C = 27) a per-row exp
+// Rows shorter than kBlockElements are processed in blocks of about kBlockElements values (so that a block
+// of x and of the gradient stays in L1 between the passes): for short rows (C = 27) a per-row exp
 // loop would spend most of its time in the scalar remainder of each row, so the block does
-//   pass 1, per row: max m, x[y] and the smoothing dot, and work = x - m (cheap short loops);
+//   pass 1, per row: max m, x[y], work = x - m, and the sums of gaps (cheap short loops);
 //   pass 2, flat:    work = exp(work) over the whole block at full vector width;
 //   pass 3, per row: s = sum(work), the loss as log s + (m - x_y) (never lse = m + log s minus a logit: two
 //                    large numbers would cancel), and the gradient from work in place.
@@ -61,15 +67,20 @@ struct CEArgs {
 constexpr int64_t kBlockElements = 2048;
 constexpr int64_t kMaxBlockRows = 256;
 
+// What pass 1 leaves for pass 3, per row of a block.
 template <typename T>
-struct RowBlock {
+struct IndexRowBlock {
   T m[kMaxBlockRows];
   T x_y[kMaxBlockRows];
-  T aux[kMaxBlockRows];  // sum_c w_c (m - x_c) (index targets, smoothing) or T = sum w t' (probability targets)
-  T aux2[kMaxBlockRows];  // sum_c w_c t'_c (m - x_c) (probability targets)
+  T smooth_gap[kMaxBlockRows];  // sum_c w_c (m - x_c), with smoothing
+};
+template <typename T>
+struct ProbRowBlock {
+  T m[kMaxBlockRows];
+  T target_mass[kMaxBlockRows];  // T = sum_c w_c t'_c
+  T target_gap[kMaxBlockRows];   // sum_c w_c t'_c (m - x_c)
 };
 
-template <typename T>
 MMOPS_INLINE int64_t block_rows(int64_t C) {
   return std::min<int64_t>(kMaxBlockRows, std::max<int64_t>(1, kBlockElements / C));
 }
@@ -89,9 +100,9 @@ MMOPS_INLINE void exp_inplace(T* v, int64_t n) {
 // Rows [begin, end) with class-index targets. Returns the sum of their losses.
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
-  const int64_t C = a.C, R = block_rows<T>(C);
-  const T e_over_C = a.eps / static_cast<T>(C);
-  RowBlock<T> rb;
+  const int64_t C = a.C, R = block_rows(C);
+  const T e_over_C = a.smoothing / static_cast<T>(C);
+  IndexRowBlock<T> rb;
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += R) {
     const int64_t rows = std::min(R, end - i0);
@@ -99,16 +110,16 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
     for (int64_t r = 0; r < rows; ++r) {  // pass 1
       const int64_t y = a.y[i0 + r];
       const T* x = a.x + (i0 + r) * C;
-      T* w = work + r * C;
+      T* work_row = work + r * C;
       if (y == a.ignore_index) {
-        for (int64_t j = 0; j < C; ++j) w[j] = -__builtin_inf();  // exp -> 0: an all-zero gradient row
+        for (int64_t j = 0; j < C; ++j) work_row[j] = -__builtin_inf();  // exp -> 0: an all-zero gradient row
         continue;
       }
       const T m = simd::row_max(x, C);
       rb.m[r] = m;
       rb.x_y[r] = x[y];
-      sub_store(x, w, C, m);
-      if (kSmooth) rb.aux[r] = -(kWeight ? simd::dot(a.w, w, C) : simd::sum(w, C));  // sum_c w_c (m - x_c)
+      sub_store(x, work_row, C, m);
+      if (kSmooth) rb.smooth_gap[r] = -(kWeight ? simd::dot(a.w, work_row, C) : simd::sum(work_row, C));
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -122,25 +133,25 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
       const T log_s = std::log(s);
       const T w_y = kWeight ? a.w[y] : T(1);
       T loss = w_y * (log_s + (rb.m[r] - rb.x_y[r]));
-      if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * log_s + rb.aux[r]);
+      if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + rb.smooth_gap[r]);
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
-        const T hot = kSmooth ? (1 - a.eps) * w_y : w_y;
-        const T coef = a.rs * (kSmooth ? hot + e_over_C * a.W : hot) / s;
+        const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
+        const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
         if (kSmooth && kWeight) {
-          const T c2 = a.rs * e_over_C;
+          const T smooth_share = a.grad_scale * e_over_C;
 #pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2 * a.w[j];
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share * a.w[j];
         } else if (kSmooth) {
-          const T c2 = a.rs * e_over_C;
+          const T smooth_share = a.grad_scale * e_over_C;
 #pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2;
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share;
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) g[j] *= coef;
         }
-        g[y] -= a.rs * hot;
+        g[y] -= a.grad_scale * hot;
       }
     }
   }
@@ -150,9 +161,9 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
 // Rows [begin, end) with probability targets (same three passes).
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
-  const int64_t C = a.C, R = block_rows<T>(C);
-  const T keep = 1 - a.eps, e_over_C = a.eps / static_cast<T>(C);
-  RowBlock<T> rb;
+  const int64_t C = a.C, R = block_rows(C);
+  const T keep = 1 - a.smoothing, e_over_C = a.smoothing / static_cast<T>(C);
+  ProbRowBlock<T> rb;
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += R) {
     const int64_t rows = std::min(R, end - i0);
@@ -161,19 +172,19 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       const T* x = a.x + (i0 + r) * C;
       const T* t = a.t + (i0 + r) * C;
       const T m = simd::row_max(x, C);
-      T* w = work + r * C;
-      sub_store(x, w, C, m);
-      T tw_sum = 0, tw_gap = 0;  // sum_c w_c t'_c and sum_c w_c t'_c (m - x_c)
-#pragma omp simd reduction(+ : tw_sum, tw_gap)
+      T* work_row = work + r * C;
+      sub_store(x, work_row, C, m);
+      T mass = 0, gap_sum = 0;  // sum_c w_c t'_c and sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : mass, gap_sum)
       for (int64_t j = 0; j < C; ++j) {
         T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
         if (kWeight) tj *= a.w[j];
-        tw_sum += tj;
-        tw_gap -= tj * w[j];
+        mass += tj;
+        gap_sum -= tj * work_row[j];
       }
       rb.m[r] = m;
-      rb.aux[r] = tw_sum;
-      rb.aux2[r] = tw_gap;
+      rb.target_mass[r] = mass;
+      rb.target_gap[r] = gap_sum;
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -181,16 +192,16 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       T* g = work + r * C;
       const T* t = a.t + i * C;
       const T s = simd::sum(g, C);
-      const T loss = rb.aux[r] * std::log(s) + rb.aux2[r];
+      const T loss = rb.target_mass[r] * std::log(s) + rb.target_gap[r];
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
-        const T coef = a.rs * rb.aux[r] / s;
+        const T coef = a.grad_scale * rb.target_mass[r] / s;
 #pragma omp simd
         for (int64_t j = 0; j < C; ++j) {
           T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
           if (kWeight) tj *= a.w[j];
-          g[j] = g[j] * coef - a.rs * tj;
+          g[j] = g[j] * coef - a.grad_scale * tj;
         }
       }
     }
@@ -205,7 +216,7 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
-  const T e_over_C = a.eps / static_cast<T>(C);
+  const T e_over_C = a.smoothing / static_cast<T>(C);
   double total = 0;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t y = a.y[i];
@@ -230,15 +241,17 @@ MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_
     const T log_s = std::log(s);
     const T w_y = kWeight ? a.w[y] : T(1);
     T loss = w_y * (log_s + (m - x_y));
-    if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * log_s + smooth_gap);
+    if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + smooth_gap);
     total += loss;
     if (a.loss_rows) a.loss_rows[i] = loss;
     if (kGrad) {
-      const T hot = kSmooth ? (1 - a.eps) * w_y : w_y;
-      const T coef = a.rs * (kSmooth ? hot + e_over_C * a.W : hot) / s, c2 = a.rs * e_over_C;
+      const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
+      const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
+      const T smooth_share = a.grad_scale * e_over_C;
 #pragma omp simd
-      for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - (kSmooth ? (kWeight ? c2 * a.w[j] : c2) : T(0));
-      g[y] -= a.rs * hot;
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = g[j] * coef - (kSmooth ? (kWeight ? smooth_share * a.w[j] : smooth_share) : T(0));
+      g[y] -= a.grad_scale * hot;
     }
   }
   return total;
@@ -247,35 +260,35 @@ MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
-  const T keep = 1 - a.eps, e_over_C = a.eps / static_cast<T>(C);
+  const T keep = 1 - a.smoothing, e_over_C = a.smoothing / static_cast<T>(C);
   double total = 0;
   for (int64_t i = begin; i < end; ++i) {
     const T* x = a.x + i * C;
     const T* t = a.t + i * C;
     T* g = kGrad ? a.grad + i * C : nullptr;
     const T m = simd::row_max(x, C);
-    T s = 0, tw_sum = 0, tw_gap = 0;  // sum exp(x - m), sum_c w_c t'_c, sum_c w_c t'_c (m - x_c)
-#pragma omp simd reduction(+ : s, tw_sum, tw_gap)
+    T s = 0, mass = 0, gap_sum = 0;  // sum exp(x - m), sum_c w_c t'_c, sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : s, mass, gap_sum)
     for (int64_t j = 0; j < C; ++j) {
       const T d = x[j] - m;
       T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
       if (kWeight) tj *= a.w[j];
-      tw_sum += tj;
-      tw_gap -= tj * d;
+      mass += tj;
+      gap_sum -= tj * d;
       const T e = simd::exp(d);
       if (kGrad) g[j] = e;
       s += e;
     }
-    const T loss = tw_sum * std::log(s) + tw_gap;
+    const T loss = mass * std::log(s) + gap_sum;
     total += loss;
     if (a.loss_rows) a.loss_rows[i] = loss;
     if (kGrad) {
-      const T coef = a.rs * tw_sum / s;
+      const T coef = a.grad_scale * mass / s;
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
         T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
         if (kWeight) tj *= a.w[j];
-        g[j] = g[j] * coef - a.rs * tj;
+        g[j] = g[j] * coef - a.grad_scale * tj;
       }
     }
   }
@@ -301,7 +314,7 @@ MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, 
   const __mmask16 k0 = C >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << C) - 1);
   const __mmask16 k1 = C > 16 ? __mmask16((1u << (C - 16)) - 1) : __mmask16(0);
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
-  const __m512 rs = _mm512_set1_ps(a.rs);
+  const __m512 grad_scale = _mm512_set1_ps(a.grad_scale);
   float row_sum[kShortRowGroup], gap[kShortRowGroup];  // s and m - x_y per row of the group
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += kShortRowGroup) {
@@ -331,15 +344,15 @@ MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, 
       const float s = _mm512_reduce_add_ps(kTwoVectors ? _mm512_add_ps(e0, e1) : e0);
       row_sum[r] = s;
       gap[r] = m - x_y;
-      if (g) {  // rs * (e / s - onehot(y)): the one-hot subtraction in the register
-        const __m512 coef = _mm512_set1_ps(a.rs / s);
+      if (g) {  // r (e / s - onehot(y)): the one-hot subtraction in the register
+        const __m512 coef = _mm512_set1_ps(a.grad_scale / s);
         const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
         const __m512 p0 = _mm512_mul_ps(e0, coef);
-        _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, rs));
+        _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, grad_scale));
         if (kTwoVectors) {
           const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
           const __m512 p1 = _mm512_mul_ps(e1, coef);
-          _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, rs));
+          _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, grad_scale));
         }
       }
     }
@@ -383,14 +396,16 @@ MMOPS_AVX512_TARGET void scale_rows_avx512(const float* g, float* out, int64_t r
 // Picks the instantiation for the options once per block of rows, not per row.
 template <typename T>
 MMOPS_INLINE double ce_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
-  const bool weight = a.w != nullptr, smooth = a.eps != 0, grad = a.grad != nullptr;
+  const bool weight = a.w != nullptr, smooth = a.smoothing != 0, grad = a.grad != nullptr;
   const bool long_rows = a.C >= kBlockElements;
   T scratch[kBlockElements];  // the exp block of short rows when no gradient is written
-#define MMOPS_CE_CASE(W, S, G)                                                                         \
-  if (weight == W && smooth == S && grad == G) {                                                       \
-    if (long_rows)                                                                                     \
-      return a.t ? ce_prob_long_rows<T, W, S, G>(a, begin, end) : ce_index_long_rows<T, W, S, G>(a, begin, end); \
-    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch) : ce_index_rows<T, W, S, G>(a, begin, end, scratch); \
+#define MMOPS_CE_CASE(W, S, G)                                                   \
+  if (weight == W && smooth == S && grad == G) {                                 \
+    if (long_rows)                                                               \
+      return a.t ? ce_prob_long_rows<T, W, S, G>(a, begin, end)                  \
+                 : ce_index_long_rows<T, W, S, G>(a, begin, end);                \
+    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch)                \
+               : ce_index_rows<T, W, S, G>(a, begin, end, scratch);              \
   }
   MMOPS_CE_CASE(false, false, true)
   MMOPS_CE_CASE(false, false, false)
@@ -409,13 +424,13 @@ MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int6
   return ce_rows<float>(a, begin, end);
 }
 double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
-double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) {
+double ce_rows_on_this_cpu(const CEArgs<float>& a, int64_t b, int64_t e) {
 #ifdef MMOPS_X86
-  if (a.C <= 32 && a.y && !a.w && a.eps == 0 && simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
+  if (a.C <= 32 && a.y && !a.w && a.smoothing == 0 && simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
 #endif
   return ce_rows_f32(a, b, e);
 }
-double ce_rows_any(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
+double ce_rows_on_this_cpu(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
 
 // out[i, :] = g[i, :] * go[i * go_stride] (out may be g).
 MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, int64_t C, const float* go,
@@ -426,20 +441,20 @@ MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, 
     for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * s;
   }
 }
-void scale_rows_any(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
+void scale_rows_on_this_cpu(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
 #ifdef MMOPS_X86
   if (simd::cpu_has_avx512()) return scale_rows_avx512(g, out, rows, C, go, st);
 #endif
   scale_rows_f32(g, out, rows, C, go, st);
 }
-void scale_rows_any(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
+void scale_rows_on_this_cpu(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * go[i * st];
 }
 
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
 
-void check_common(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+void check_forward_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                   int64_t reduction, double label_smoothing) {
   TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -523,14 +538,14 @@ Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::opti
     a.x = x.const_data_ptr<scalar_t>();
     a.C = C;
     a.ignore_index = ignore_index;
-    a.eps = static_cast<scalar_t>(label_smoothing);
+    a.smoothing = static_cast<scalar_t>(label_smoothing);
     a.grad = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
     a.loss_rows = reduction == kReductionNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
     if (weight) {
       a.w = weight->const_data_ptr<scalar_t>();
-      a.W = static_cast<scalar_t>(simd::sum(a.w, C));
+      a.weight_sum = static_cast<scalar_t>(simd::sum(a.w, C));
     } else {
-      a.W = static_cast<scalar_t>(C);
+      a.weight_sum = static_cast<scalar_t>(C);
     }
     double denom = static_cast<double>(N);
     if (prob) {
@@ -546,17 +561,17 @@ Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::opti
         }
       }
     }
-    a.rs = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
+    a.grad_scale = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
 
     // Below a grain of work the rows run here: no parallel region, no per-thread partial sums.
     const int64_t grain_rows = std::max<int64_t>(1, simd::kGrainElements / C);
     double total = 0;
     if (N <= grain_rows || at::get_num_threads() == 1 || at::in_parallel_region()) {
-      total = ce_rows_any(a, 0, N);
+      total = ce_rows_on_this_cpu(a, 0, N);
     } else {
       std::vector<double> partial(at::get_num_threads(), 0.0);
       at::parallel_for(0, N, grain_rows, [&](int64_t begin, int64_t end) {
-        partial[at::get_thread_num()] += ce_rows_any(a, begin, end);
+        partial[at::get_thread_num()] += ce_rows_on_this_cpu(a, begin, end);
       });
       for (double p : partial) total += p;
     }
@@ -571,7 +586,7 @@ Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::opti
 std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight, int64_t reduction,
                                                  int64_t ignore_index, double label_smoothing, bool compute_grad) {
-  check_common(input, target, weight, reduction, label_smoothing);
+  check_forward_args(input, target, weight, reduction, label_smoothing);
   const c10::MaybeOwned<Tensor> x = input.expect_contiguous();
   // at::detail::empty_cpu: these kernels are registered for the CPU only, so no dispatch is needed.
   Tensor grad = compute_grad ? at::detail::empty_cpu(x->sizes(), x->scalar_type())
@@ -584,12 +599,12 @@ std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tens
 // inplace_backward: the gradient overwrites the logits (saves one logits-sized buffer).
 Tensor cross_entropy_forward_inplace(Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  check_common(input, target, weight, reduction, label_smoothing);
+  check_forward_args(input, target, weight, reduction, label_smoothing);
   TORCH_CHECK_VALUE(input.is_contiguous(), "mmops.cross_entropy(inplace_backward=True): input must be contiguous");
   return ce_forward_impl(input, target, weight, reduction, ignore_index, label_smoothing, &input);
 }
 
-// Backward: grad_input = grad_output * (the saved rs * dloss/dx). grad_output is a scalar for mean/sum or
+// Backward: grad_input = grad_output * G (the saved r dloss/dx). grad_output is a scalar for mean/sum or
 // one value per row for "none". `out` may be `grad` (in place); a scalar 1 in place is a no-op.
 void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "mmops.cross_entropy backward: saved gradient must be "
@@ -610,9 +625,9 @@ void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
     at::parallel_for(0, N, std::max<int64_t>(1, simd::kGrainElements / std::max<int64_t>(C, 1)),
                      [&](int64_t b, int64_t e) {
                        if (stride == 0)  // one scale for all: the rows are one flat run
-                         scale_rows_any(g + b * C, o + b * C, 1, (e - b) * C, gp, 0);
+                         scale_rows_on_this_cpu(g + b * C, o + b * C, 1, (e - b) * C, gp, 0);
                        else
-                         scale_rows_any(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
+                         scale_rows_on_this_cpu(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
                      });
   });
 }
