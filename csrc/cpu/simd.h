@@ -68,7 +68,7 @@ MMOPS_INLINE V pow2n(V n) {
   } else {
     typedef int32_t VI __attribute__((vector_size(sizeof(V))));
     const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-    return reinterpret_cast<const V&>(bits);
+    return __builtin_bit_cast(V, bits);
   }
 }
 
