@@ -310,7 +310,7 @@ MMOPS_INLINE void stats_any(const T* x, Shape s, const T* K, int64_t n0, int64_t
 template <typename T>
 MMOPS_INLINE void normalize_any(int64_t act, const T* x, T* h, Shape s, const T* m, const T* a, const T* b,
                                 int64_t n0, int64_t n1) {
-  simd::with_activation(act, [&](auto A) {
+  simd::with_activation(act, [&](auto A) MMOPS_INLINE_LAMBDA {
     constexpr int kAct = decltype(A)::value;
     if constexpr (sizeof(T) == sizeof(float)) {
       if (tiled<T>(s)) return normalize_tiles<kAct>(x, h, s.C, m, a, b, n0, n1);
@@ -322,7 +322,7 @@ MMOPS_INLINE void normalize_any(int64_t act, const T* x, T* h, Shape s, const T*
 template <typename T>
 MMOPS_INLINE void backward_sums_any(int64_t act, const T* dh, const T* h, const T* x, Shape s, const T* mean,
                                     int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
-  simd::with_activation(act, [&](auto A) {
+  simd::with_activation(act, [&](auto A) MMOPS_INLINE_LAMBDA {
     constexpr int kAct = decltype(A)::value;
     if constexpr (sizeof(T) == sizeof(float)) {
       if (tiled<T>(s)) return backward_sums_tiles<kAct>(dh, h, x, s.C, mean, n0, n1, Sdy, Sdyx);
@@ -334,7 +334,7 @@ MMOPS_INLINE void backward_sums_any(int64_t act, const T* dh, const T* h, const 
 template <typename T>
 MMOPS_INLINE void backward_dx_any(int64_t act, const T* dh, const T* h, const T* x, T* dx, Shape s, const T* m,
                                   const T* A, const T* B, const T* D, int64_t n0, int64_t n1) {
-  simd::with_activation(act, [&](auto a) {
+  simd::with_activation(act, [&](auto a) MMOPS_INLINE_LAMBDA {
     constexpr int kAct = decltype(a)::value;
     const bool eval = B == nullptr;
     if constexpr (sizeof(T) == sizeof(float)) {
