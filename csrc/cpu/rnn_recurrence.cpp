@@ -102,29 +102,6 @@ void rnn_pack_panels(const float* b, int64_t K, int64_t N, int64_t sk, int64_t s
 
 namespace {
 
-// simd::tanh (simd.h) lane-wise: the same odd rational approximation; NaN kept (min/max return their second
-// operand when one is NaN, so x goes second).
-MMOPS_AVX512 __m512 tanh_avx512(__m512 x) {
-  const __m512 c = _mm512_set1_ps(7.90531110763549805f);
-  const __m512 xc = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), c), _mm512_min_ps(c, x));
-  const __m512 x2 = _mm512_mul_ps(xc, xc);
-  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
-  p = _mm512_mul_ps(p, xc);
-  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
-  const __m512 r = _mm512_div_ps(p, q);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(r, tiny, x);
-}
-
 // acc[r][0..1] += sum_k a[r * a_rs + k * a_ks] * panel[k * p_ks + (0..31)] for the MR rows of a block; the
 // panel's lanes outside `m` read as 0 (masked loads: nothing past the matrix is touched).
 struct ColumnMask {
@@ -155,26 +132,16 @@ MMOPS_AVX512 ColumnMask column_mask(int64_t n) {  // n = valid columns in this p
 // Forward epilogue, row r of the block: y = act(acc + y), y = out[t] at (row, c0).
 template <int kAct>
 MMOPS_AVX512 void forward_row(float* y, __m512 acc0, __m512 acc1, ColumnMask m) {
-  __m512 v0 = _mm512_add_ps(acc0, _mm512_maskz_loadu_ps(m.lo, y));
-  __m512 v1 = _mm512_add_ps(acc1, _mm512_maskz_loadu_ps(m.hi, y + 16));
-  if (kAct == simd::kTanh) {
-    v0 = tanh_avx512(v0);
-    v1 = tanh_avx512(v1);
-  } else {  // relu: max(v, 0) with NaN kept (v second)
-    v0 = _mm512_max_ps(_mm512_setzero_ps(), v0);
-    v1 = _mm512_max_ps(_mm512_setzero_ps(), v1);
-  }
+  const __m512 v0 = simd::activate<kAct>(_mm512_add_ps(acc0, _mm512_maskz_loadu_ps(m.lo, y)));
+  const __m512 v1 = simd::activate<kAct>(_mm512_add_ps(acc1, _mm512_maskz_loadu_ps(m.hi, y + 16)));
   _mm512_mask_storeu_ps(y, m.lo, v0);
   _mm512_mask_storeu_ps(y + 16, m.hi, v1);
 }
 
-// (acc + dout) * act'(h), act' from the activation's output: 1 - h^2 (tanh), [h > 0] (relu).
+// (acc + dout) * act'(h), act' from the activation's output (simd::act_grad: 1 - h^2, or relu's [not h <= 0]).
 template <int kAct>
 MMOPS_AVX512 __m512 grad_lanes(__m512 acc, __mmask16 m, const float* dout, const float* h) {
-  const __m512 s = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, dout));
-  const __m512 hv = _mm512_maskz_loadu_ps(m, h);
-  if (kAct == simd::kTanh) return _mm512_mul_ps(s, _mm512_fnmadd_ps(hv, hv, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(hv, _mm512_setzero_ps(), _CMP_GT_OQ), s);
+  return simd::act_grad<kAct>(_mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, dout)), _mm512_maskz_loadu_ps(m, h));
 }
 
 enum class Epilogue { kForward, kBackward, kStore };
