@@ -1,0 +1,160 @@
+// Float32 products on the AVX-512 micro-kernel (gemm_avx512_kernel.h): pack_panels, gemm_packed, gemm_tn.
+// The RNN uses them for its input projection x W_ih^T + b, d_input = dpre W_ih and the weight gradients
+// dW_hh = sum_t dpre_t^T h_{t-1}, dW_ih = sum_t dpre_t^T x_t (csrc/cpu/rnn.cpp).
+#include "cpu/gemm_avx512.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+#include "cpu/gemm_avx512_kernel.h"
+#include "cpu/simd.h"
+
+namespace mmops::cpu {
+
+namespace {
+constexpr int64_t kPanelColumns = 32;  // = avx512::kPanel; pack_panels is plain C++ and builds on any platform
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+}  // namespace
+
+int64_t packed_floats(int64_t K, int64_t N) { return ceil_div(N, kPanelColumns) * K * kPanelColumns; }
+
+void pack_panels(const float* b, int64_t K, int64_t N, int64_t sk, int64_t sn, float* packed, int num_threads) {
+  // panel p, row k, lane c: B(k, p*32 + c) = b[k * sk + (p*32 + c) * sn], zero past N
+  const int64_t panels = ceil_div(N, kPanelColumns);
+#pragma omp parallel for num_threads(std::max(1, std::min<int>(num_threads, int(panels)))) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    float* P = packed + p * K * kPanelColumns;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < kPanelColumns; ++c) {
+        const int64_t n = p * kPanelColumns + c;
+        P[k * kPanelColumns + c] = n < N ? b[k * sk + n * sn] : 0.0f;
+      }
+  }
+}
+
+#ifdef MMOPS_X86
+namespace {
+using namespace avx512;
+
+// ---- C = sum_s G_s^T P_s ----------------------------------------------------------------------------------------
+// A block of C is 8 rows x 32 columns in registers: per row r of a segment, 8 contiguous floats of G[r] are
+// broadcast and one 32-float stretch of P[r] loaded, i.e. block_product with a = G (row stride 1, k stride ldg)
+// and the panel read in place from P (k stride ldp). The rows go in chunks of kRowChunk (the chunk's G and P
+// stay in L2 while the blocks walk them, each block's stretch of P in L1 across the 8-row blocks of one panel);
+// C is read back and added between chunks. Threads own disjoint blocks of C, so they never synchronise.
+constexpr int64_t kRowChunk = 256;
+
+template <int MR>
+MMOPS_AVX512 void tn_block(const float* g, int64_t ldg, const float* p, int64_t ldp, int64_t rows, float* c,
+                           int64_t ldc, ColumnMask m, bool first) {
+  __m512 acc[MR][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.lo, c + r * ldc);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.hi, c + r * ldc + 16);
+  }
+  block_product<MR>(g, 1, ldg, p, ldp, rows, m, acc);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m.lo, acc[r][0]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m.hi, acc[r][1]);
+  }
+}
+
+MMOPS_AVX512_TARGET void tn_blocks(const RowSegment& seg, int64_t r0, int64_t r1, int64_t M, int64_t N, float* C,
+                                   bool first, int64_t i0, int64_t i1) {
+  const Blocks blocks(M, N);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
+    const float* g = seg.g + r0 * seg.ldg + j0;
+    const float* p = seg.p + r0 * seg.ldp + c0;
+    float* c = C + j0 * N + c0;
+    const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
+#define TN_BLOCK(MR) tn_block<MR>(g, seg.ldg, p, seg.ldp, r1 - r0, c, N, m, first)
+    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, M - j0), TN_BLOCK)
+#undef TN_BLOCK
+  }
+}
+
+// ---- C = A B + bias, B packed -----------------------------------------------------------------------------------
+struct PackedProduct {
+  const float* a;  // (M, K), rows lda apart
+  int64_t lda, M, K;
+  const float* packed;  // B (K, N) by pack_panels
+  int64_t N;
+  const float* bias;  // (N,) or null
+  float* c;           // (M, N), contiguous
+};
+
+template <int MR>
+MMOPS_AVX512 void packed_block(const PackedProduct& s, int64_t row0, int64_t p) {
+  const int64_t c0 = p * kPanel;
+  const ColumnMask m = column_mask(std::min<int64_t>(kPanel, s.N - c0));
+  const __m512 b0 = s.bias ? _mm512_maskz_loadu_ps(m.lo, s.bias + c0) : _mm512_setzero_ps();
+  const __m512 b1 = s.bias ? _mm512_maskz_loadu_ps(m.hi, s.bias + c0 + 16) : _mm512_setzero_ps();
+  __m512 acc[MR][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = b0, acc[r][1] = b1;
+  // the packed panel is zero past N: its loads need no mask
+  block_product<MR>(s.a + row0 * s.lda, s.lda, 1, s.packed + p * s.K * kPanel, kPanel, s.K, kFullPanel, acc);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(s.c + (row0 + r) * s.N + c0, m.lo, acc[r][0]);
+    _mm512_mask_storeu_ps(s.c + (row0 + r) * s.N + c0 + 16, m.hi, acc[r][1]);
+  }
+}
+
+MMOPS_AVX512_TARGET void packed_blocks(const PackedProduct& s, int64_t i0, int64_t i1) {
+  const Blocks blocks(s.M, s.N);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t p = blocks.panel(i), row0 = blocks.row0(i);
+#define PACKED_BLOCK(MR) packed_block<MR>(s, row0, p)
+    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.M - row0), PACKED_BLOCK)
+#undef PACKED_BLOCK
+  }
+}
+
+}  // namespace
+
+void gemm_tn(const RowSegment* segments, int num_segments, int64_t M, int64_t N, float* C, int num_threads) {
+  const Blocks blocks(M, N);
+  int64_t macs = 0;
+  for (int s = 0; s < num_segments; ++s) macs += segments[s].rows * M * N;
+#pragma omp parallel num_threads(team_size(blocks.count, macs, num_threads))
+  {
+    const Share sh = my_share(blocks.count);
+    bool first = true;
+    for (int s = 0; s < num_segments; ++s)
+      for (int64_t r0 = 0; r0 < segments[s].rows; r0 += kRowChunk) {
+        tn_blocks(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, sh.i0, sh.i1);
+        first = false;
+      }
+    if (first)  // no rows at all: C = 0
+      for (int64_t i = sh.i0; i < sh.i1; ++i) {
+        const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
+        for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
+          std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
+      }
+  }
+}
+
+void gemm_packed(const float* a, int64_t M, int64_t K, int64_t lda, const float* packed, int64_t N,
+                 const float* bias, float* c, int num_threads) {
+  const Blocks blocks(M, N);
+  const PackedProduct s{a, lda, M, K, packed, N, bias, c};
+#pragma omp parallel num_threads(team_size(blocks.count, M * K * N, num_threads))
+  {
+    const Share sh = my_share(blocks.count);
+    packed_blocks(s, sh.i0, sh.i1);
+  }
+}
+
+#else  // no AVX-512 code in this build: callers check simd::cpu_has_avx512(), which is false here
+
+void gemm_tn(const RowSegment*, int, int64_t, int64_t, float*, int) {}
+void gemm_packed(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int) {}
+
+#endif
+
+}  // namespace mmops::cpu
