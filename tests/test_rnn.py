@@ -97,13 +97,16 @@ def test_module_matches_nn_rnn(size, dtype, nonlinearity, bias, batch_first, wit
         torch.testing.assert_close(a, b, **t)
 
 
-# Recurrences with B * H * H >= 16M run their float32 products on oneDNN (csrc/cpu/rnn.cpp: use_onednn), the
-# steps with W_hh packed once from T >= 3 (forward) / 4 (backward): these sizes take those paths, checked
-# against nn.RNN in float64.
+# Large products (B * H * H up to 42M multiply-adds per step) on each float32 backend (csrc/cpu/rnn.cpp:
+# choose_backend, forced with MMOPS_RNN_BACKEND): the AVX-512 kernels (the default from T = 2 on an AVX-512 CPU),
+# oneDNN per step (W_hh reordered once from 3 products on) and MKL; T = 1 checks the forced kernel on one step.
+# Against nn.RNN in float64. Without AVX-512 every backend falls back to MKL.
+@pytest.mark.parametrize("backend", ["kernel", "onednn", "mkl"])
 @pytest.mark.parametrize("size", [(2, 64, 64, 512), (5, 256, 300, 272), (1, 128, 512, 384)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens", [False, True])
-def test_large_products_match_float64(size, nonlinearity, tokens):
+def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, tokens):
+    monkeypatch.setenv("MMOPS_RNN_BACKEND", backend)
     T, B, I, H = size
     torch.manual_seed(0)
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=torch.float32)
@@ -123,9 +126,9 @@ def test_large_products_match_float64(size, nonlinearity, tokens):
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
 
 
-# float32 recurrences below oneDNN's size run on the hand-written AVX-512 kernels where the CPU has them
-# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue, and dW_hh / dW_ih as one pass over all rows);
-# MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. Both against nn.RNN in float64, at sizes with row
+# float32 recurrences (T >= 2) run on the hand-written AVX-512 kernels where the CPU has them
+# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue; csrc/cpu/gemm_avx512.cpp: the input projection,
+# d_input, and dW_hh / dW_ih as one product over all rows); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. Both against nn.RNN in float64, at sizes with row
 # tails (B not a multiple of 8, B < 8), column tails (H not a multiple of 32, H < 32), more rows than one chunk
 # of the weight-gradient kernel (T * B > 256), T = 1, and with / without the gradient of hx.
 @pytest.mark.parametrize("path", ["step_kernel", "matmul_per_step"])

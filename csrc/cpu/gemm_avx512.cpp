@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/gemm_avx512_kernel.h"
 #include "cpu/simd.h"
@@ -38,40 +39,63 @@ namespace {
 using namespace avx512;
 
 // ---- C = sum_s G_s^T P_s ----------------------------------------------------------------------------------------
-// A block of C is 8 rows x 32 columns in registers: per row r of a segment, 8 contiguous floats of G[r] are
-// broadcast and one 32-float stretch of P[r] loaded, i.e. block_product with a = G (row stride 1, k stride ldg)
-// and the panel read in place from P (k stride ldp). The rows go in chunks of kRowChunk (the chunk's G and P
-// stay in L2 while the blocks walk them, each block's stretch of P in L1 across the 8-row blocks of one panel);
-// C is read back and added between chunks. Threads own disjoint blocks of C, so they never synchronise.
-constexpr int64_t kRowChunk = 256;
+// The rows go in chunks of kRowChunk (the k dimension of the product). Per chunk each thread packs what its blocks
+// of C need: the chunk of G into tiles of 8 columns (k-major: 8 contiguous floats per k, zero past M) and the chunk
+// of P into 32-column panels (32 contiguous floats per k, zero past N); then each block (8 rows x 32 columns of C,
+// in registers) runs block_product over contiguous memory. Read in place, G and P rows are ldg / ldp floats apart
+// (2 KB at H = 512), which maps a chunk's rows onto a few L1 sets and made every load an L2 access (bench/results/
+// rnn.md). A chunk's panel (128 x 32 floats, 16 KB) stays in L1 while the thread's blocks walk its row tiles. C is
+// read back and added between chunks; threads own disjoint blocks of C, so they never synchronise.
+constexpr int64_t kRowChunk = 128;
 
 template <int MR>
-MMOPS_AVX512 void tn_block(const float* g, int64_t ldg, const float* p, int64_t ldp, int64_t rows, float* c,
-                           int64_t ldc, ColumnMask m, bool first) {
+MMOPS_AVX512 void tn_block(const float* g_tile, const float* p_panel, int64_t rows, float* c, int64_t ldc,
+                           ColumnMask m, bool first) {
   __m512 acc[MR][2];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.lo, c + r * ldc);
     acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m.hi, c + r * ldc + 16);
   }
-  block_product<MR>(g, 1, ldg, p, ldp, rows, m, acc);
-  #pragma GCC unroll 8
+  block_product<MR>(g_tile, 1, kMaxRows, p_panel, kPanel, rows, kFullPanel, acc);
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m.lo, acc[r][0]);
     _mm512_mask_storeu_ps(c + r * ldc + 16, m.hi, acc[r][1]);
   }
 }
 
-MMOPS_AVX512_TARGET void tn_blocks(const RowSegment& seg, int64_t r0, int64_t r1, int64_t M, int64_t N, float* C,
-                                   bool first, int64_t i0, int64_t i1) {
+// One chunk of rows [r0, r1) of a segment into this thread's blocks [i0, i1); g_pack and p_pack are the thread's
+// buffers (row_tiles * kRowChunk * 8 and its panels * kRowChunk * 32 floats).
+MMOPS_AVX512_TARGET void tn_chunk(const RowSegment& seg, int64_t r0, int64_t r1, int64_t M, int64_t N, float* C,
+                                  bool first, int64_t i0, int64_t i1, float* g_pack, float* p_pack) {
   const Blocks blocks(M, N);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
-    const float* g = seg.g + r0 * seg.ldg + j0;
-    const float* p = seg.p + r0 * seg.ldp + c0;
-    float* c = C + j0 * N + c0;
+  const int64_t rows = r1 - r0, p_first = blocks.panel(i0), p_last = blocks.panel(i1 - 1);
+  // G (rows, M) -> tiles [tile][k][8]
+  for (int64_t tile = 0; tile < blocks.row_tiles; ++tile) {
+    const int64_t j0 = tile * kMaxRows, width = std::min<int64_t>(kMaxRows, M - j0);
+    const __mmask16 valid = __mmask16((1u << width) - 1);
+    float* dst = g_pack + tile * kRowChunk * kMaxRows;
+    for (int64_t k = 0; k < rows; ++k)  // 8 floats per k, zero past M
+      _mm512_mask_storeu_ps(dst + k * kMaxRows, 0xFF, _mm512_maskz_loadu_ps(valid, seg.g + (r0 + k) * seg.ldg + j0));
+  }
+  // P (rows, N) -> panels [panel][k][32], the thread's panels only
+  for (int64_t p = p_first; p <= p_last; ++p) {
+    const int64_t c0 = p * kPanel;
     const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
-#define TN_BLOCK(MR) tn_block<MR>(g, seg.ldg, p, seg.ldp, r1 - r0, c, N, m, first)
+    float* dst = p_pack + (p - p_first) * kRowChunk * kPanel;
+    for (int64_t k = 0; k < rows; ++k) {
+      const float* src = seg.p + (r0 + k) * seg.ldp + c0;
+      _mm512_storeu_ps(dst + k * kPanel, _mm512_maskz_loadu_ps(m.lo, src));
+      _mm512_storeu_ps(dst + k * kPanel + 16, _mm512_maskz_loadu_ps(m.hi, src + 16));
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t j0 = blocks.row0(i), p = blocks.panel(i), c0 = p * kPanel;
+    const float* g_tile = g_pack + (j0 / kMaxRows) * kRowChunk * kMaxRows;
+    const float* p_panel = p_pack + (p - p_first) * kRowChunk * kPanel;
+    const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
+#define TN_BLOCK(MR) tn_block<MR>(g_tile, p_panel, rows, C + j0 * N + c0, N, m, first)
     MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, M - j0), TN_BLOCK)
 #undef TN_BLOCK
   }
@@ -124,18 +148,23 @@ void gemm_tn(const RowSegment* segments, int num_segments, int64_t M, int64_t N,
 #pragma omp parallel num_threads(team_size(blocks.count, macs, num_threads))
   {
     const Share sh = my_share(blocks.count);
-    bool first = true;
-    for (int s = 0; s < num_segments; ++s)
-      for (int64_t r0 = 0; r0 < segments[s].rows; r0 += kRowChunk) {
-        tn_blocks(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, sh.i0, sh.i1);
-        first = false;
-      }
-    if (first)  // no rows at all: C = 0
-      for (int64_t i = sh.i0; i < sh.i1; ++i) {
-        const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
-        for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
-          std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
-      }
+    if (sh.i1 > sh.i0) {
+      const int64_t panels = blocks.panel(sh.i1 - 1) - blocks.panel(sh.i0) + 1;
+      std::vector<float> g_pack(blocks.row_tiles * kRowChunk * kMaxRows), p_pack(panels * kRowChunk * kPanel);
+      bool first = true;
+      for (int s = 0; s < num_segments; ++s)
+        for (int64_t r0 = 0; r0 < segments[s].rows; r0 += kRowChunk) {
+          tn_chunk(segments[s], r0, std::min(segments[s].rows, r0 + kRowChunk), M, N, C, first, sh.i0, sh.i1,
+                   g_pack.data(), p_pack.data());
+          first = false;
+        }
+      if (first)  // no rows at all: C = 0
+        for (int64_t i = sh.i0; i < sh.i1; ++i) {
+          const int64_t j0 = blocks.row0(i), c0 = blocks.panel(i) * kPanel;
+          for (int64_t j = j0; j < std::min(M, j0 + kMaxRows); ++j)
+            std::fill(C + j * N + c0, C + j * N + std::min(N, c0 + kPanel), 0.0f);
+        }
+    }
   }
 }
 

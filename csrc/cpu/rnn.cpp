@@ -21,13 +21,14 @@
 // relu's gradient at NaN).
 //
 // Every product of a call runs on one Backend, chosen once per call (choose_backend):
-//   kKernel  float32 on AVX-512: the loop over time is the step kernel of rnn_recurrence.cpp (product and
-//            epilogue fused, one OpenMP region for all steps; d_hx from its last pass); the input projection and
-//            d_input are gemm_packed, the weight gradients gemm_tn (gemm_avx512.cpp).
-//   kOneDnn  float32 on AVX-512, large steps: each step one oneDNN product (W_hh reordered once) and an
-//            elementwise pass; the input projection, d_input, d_hx on oneDNN; the weight gradients gemm_tn
-//            (oneDNN would first copy the transposed operands).
-//   kMkl     everything else (float64, T = 1, CPUs without AVX-512, MMOPS_NO_STEP_KERNEL=1): at::mm / addmm.
+//   kKernel  float32 on AVX-512, T >= 2 (the default there): the loop over time is the step kernel of
+//            rnn_recurrence.cpp (product and epilogue fused, one OpenMP region for all steps; d_hx from its last
+//            pass); the input projection and d_input are gemm_packed, the weight gradients gemm_tn
+//            (gemm_avx512.cpp).
+//   kMkl     everything else (float64, T = 1, CPUs without AVX-512): at::mm / addmm, one product per step.
+//   kOneDnn  on request only (MMOPS_RNN_BACKEND=onednn, for comparisons): each step one oneDNN product (W_hh
+//            reordered once) and an elementwise pass; the input projection, d_input, d_hx on oneDNN; the weight
+//            gradients gemm_tn (oneDNN would first copy the transposed operands).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -124,29 +125,24 @@ Tensor onednn_reorder(const Tensor& w, int64_t rows) {
 // ---- the backend ------------------------------------------------------------------------------------------------
 enum class Backend { kMkl, kOneDnn, kKernel };
 
-// oneDNN only where the per-step (B, H) x (H, H) product has at least this many multiply-adds: below it its call
-// overhead and the separate elementwise pass cost more than the step kernel loses (bench/results/rnn.md).
-constexpr int64_t kOneDnnMinStepMacs = int64_t(16) << 20;
-
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v && std::string(v) == value;
 }
 
-// Read per call, so that a benchmark can compare the backends in one process:
-//   MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run; MMOPS_NO_STEP_KERNEL=1 forces kMkl;
-//   MMOPS_NO_ONEDNN=1 keeps oneDNN out.
-Backend choose_backend(at::ScalarType dtype, int64_t T, int64_t B, int64_t H) {
-  // the kernels are AVX-512 code, and oneDNN pays off only at AVX-512 width where MKL takes its AVX2 path
-  if (dtype != at::kFloat || !simd::cpu_has_avx512()) return Backend::kMkl;
-  const bool onednn_ok = onednn().linear.has_value() && !env_is("MMOPS_NO_ONEDNN", "1");
+// float32 on an AVX-512 CPU takes the kernels from two steps on, at every size and on every vendor's CPU: per
+// product shape of the RNN they run at the CPU's measured FMA peak, level with oneDNN and ahead of MKL, and the
+// step kernel saves each step's library call, elementwise pass and fork/join (bench/results/rnn.md, which also
+// gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). One step (the cell) stays
+// on MKL: packing W_hh costs more than one step gains. Read per call, so that a benchmark can compare the
+// backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN where torch
+// has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
+Backend choose_backend(at::ScalarType dtype, int64_t T) {
+  if (dtype != at::kFloat || !simd::cpu_has_avx512()) return Backend::kMkl;  // the kernels are AVX-512 code
   if (env_is("MMOPS_RNN_BACKEND", "mkl") || env_is("MMOPS_NO_STEP_KERNEL", "1")) return Backend::kMkl;
+  if (env_is("MMOPS_RNN_BACKEND", "onednn")) return onednn().linear ? Backend::kOneDnn : Backend::kMkl;
   if (env_is("MMOPS_RNN_BACKEND", "kernel")) return Backend::kKernel;
-  if (env_is("MMOPS_RNN_BACKEND", "onednn")) return onednn_ok ? Backend::kOneDnn : Backend::kMkl;
-  // one step: packing W_hh for the step kernel costs more than it gains (bench/results/rnn.md)
-  if (T < 2) return Backend::kMkl;
-  if (onednn_ok && B * H * H >= kOneDnnMinStepMacs) return Backend::kOneDnn;
-  return Backend::kKernel;
+  return T >= 2 ? Backend::kKernel : Backend::kMkl;
 }
 
 // W (rows, cols) packed for gemm_packed / the step kernel: as B = W^T (transpose) or B = W.
@@ -319,7 +315,7 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the products below are internal: no autograd
   const int64_t TB = d.T * d.B;
   if (TB == 0 || d.H == 0) return at::empty({d.T, d.B, d.H}, w_ih.options());
-  const Backend backend = choose_backend(w_ih.scalar_type(), d.T, d.B, d.H);
+  const Backend backend = choose_backend(w_ih.scalar_type(), d.T);
   std::optional<Tensor> bias;  // b_ih + b_hh, added once with the input projection
   if (has(b_ih) && has(b_hh)) bias = at::add(*b_ih, *b_hh);
   else if (has(b_ih)) bias = *b_ih;
@@ -387,7 +383,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
     if (need_bias) d_b = at::zeros({H}, w_ih.options());
     return {d_input, d_hx, d_w_ih, d_w_hh, d_b};
   }
-  const Backend backend = choose_backend(w_ih.scalar_type(), d.T, d.B, H);
+  const Backend backend = choose_backend(w_ih.scalar_type(), d.T);
   const Tensor h = output.contiguous();
   const Tensor dout = grad_output.contiguous();
   const Tensor h0 = hx.contiguous();
