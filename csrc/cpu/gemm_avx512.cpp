@@ -71,23 +71,21 @@ MMOPS_AVX512_TARGET void tn_chunk(const RowSegment& seg, int64_t r0, int64_t r1,
                                   bool first, int64_t i0, int64_t i1, float* g_pack, float* p_pack) {
   const Blocks blocks(M, N);
   const int64_t rows = r1 - r0, p_first = blocks.panel(i0), p_last = blocks.panel(i1 - 1);
-  // G (rows, M) -> tiles [tile][k][8]
-  for (int64_t tile = 0; tile < blocks.row_tiles; ++tile) {
-    const int64_t j0 = tile * kMaxRows, width = std::min<int64_t>(kMaxRows, M - j0);
-    const __mmask16 valid = __mmask16((1u << width) - 1);
-    float* dst = g_pack + tile * kRowChunk * kMaxRows;
-    for (int64_t k = 0; k < rows; ++k)  // 8 floats per k, zero past M
-      _mm512_mask_storeu_ps(dst + k * kMaxRows, 0xFF, _mm512_maskz_loadu_ps(valid, seg.g + (r0 + k) * seg.ldg + j0));
-  }
-  // P (rows, N) -> panels [panel][k][32], the thread's panels only
-  for (int64_t p = p_first; p <= p_last; ++p) {
-    const int64_t c0 = p * kPanel;
-    const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - c0));
-    float* dst = p_pack + (p - p_first) * kRowChunk * kPanel;
-    for (int64_t k = 0; k < rows; ++k) {
-      const float* src = seg.p + (r0 + k) * seg.ldp + c0;
-      _mm512_storeu_ps(dst + k * kPanel, _mm512_maskz_loadu_ps(m.lo, src));
-      _mm512_storeu_ps(dst + k * kPanel + 16, _mm512_maskz_loadu_ps(m.hi, src + 16));
+  // G (rows, M) -> tiles [tile][k][8], zero past M; P (rows, N) -> the thread's panels [panel][k][32], zero past
+  // N. Row by row, so that the source (often just out of the last-level cache) is read sequentially.
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* g_row = seg.g + (r0 + k) * seg.ldg;
+    for (int64_t tile = 0; tile < blocks.row_tiles; ++tile) {
+      const int64_t j0 = tile * kMaxRows, width = std::min<int64_t>(kMaxRows, M - j0);
+      const __m512 v = _mm512_maskz_loadu_ps(__mmask16((1u << width) - 1), g_row + j0);
+      _mm512_mask_storeu_ps(g_pack + (tile * kRowChunk + k) * kMaxRows, 0xFF, v);
+    }
+    const float* p_row = seg.p + (r0 + k) * seg.ldp;
+    for (int64_t p = p_first; p <= p_last; ++p) {
+      const ColumnMask m = column_mask(std::min<int64_t>(kPanel, N - p * kPanel));
+      float* dst = p_pack + ((p - p_first) * kRowChunk + k) * kPanel;
+      _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m.lo, p_row + p * kPanel));
+      _mm512_storeu_ps(dst + 16, _mm512_maskz_loadu_ps(m.hi, p_row + p * kPanel + 16));
     }
   }
   for (int64_t i = i0; i < i1; ++i) {
@@ -129,14 +127,21 @@ MMOPS_AVX512 void packed_block(const PackedProduct& s, int64_t row0, int64_t p) 
   }
 }
 
-MMOPS_AVX512_TARGET void packed_blocks(const PackedProduct& s, int64_t i0, int64_t i1) {
-  const Blocks blocks(s.M, s.N);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t p = blocks.panel(i), row0 = blocks.row0(i);
+// Row tiles [t0, t1) of C, all panels: in groups of kGroupTiles tiles (64 rows of A, at most 128 KB, stay in L2),
+// each group panel by panel (a panel stays in L1 across the group's tiles). Panel-major over all rows instead
+// re-read all of A from memory once per panel: at 8192 x 128 x 512, 75 instead of ~110 GFLOP/s.
+constexpr int64_t kGroupTiles = 8;
+
+MMOPS_AVX512_TARGET void packed_tiles(const PackedProduct& s, int64_t t0, int64_t t1) {
+  const int64_t panels = avx512::ceil_div(s.N, kPanel);
+  for (int64_t g0 = t0; g0 < t1; g0 += kGroupTiles)
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t tile = g0; tile < std::min(t1, g0 + kGroupTiles); ++tile) {
+        const int64_t row0 = tile * kMaxRows;
 #define PACKED_BLOCK(MR) packed_block<MR>(s, row0, p)
-    MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.M - row0), PACKED_BLOCK)
+        MMOPS_WITH_ROWS(std::min<int64_t>(kMaxRows, s.M - row0), PACKED_BLOCK)
 #undef PACKED_BLOCK
-  }
+      }
 }
 
 }  // namespace
@@ -170,12 +175,12 @@ void gemm_tn(const RowSegment* segments, int num_segments, int64_t M, int64_t N,
 
 void gemm_packed(const float* a, int64_t M, int64_t K, int64_t lda, const float* packed, int64_t N,
                  const float* bias, float* c, int num_threads) {
-  const Blocks blocks(M, N);
   const PackedProduct s{a, lda, M, K, packed, N, bias, c};
-#pragma omp parallel num_threads(team_size(blocks.count, M * K * N, num_threads))
+  const int64_t tiles = avx512::ceil_div(M, kMaxRows);  // threads split the rows: each reads only its share of A
+#pragma omp parallel num_threads(team_size(tiles, M * K * N, num_threads))
   {
-    const Share sh = my_share(blocks.count);
-    packed_blocks(s, sh.i0, sh.i1);
+    const Share sh = my_share(tiles);
+    packed_tiles(s, sh.i0, sh.i1);
   }
 }
 
