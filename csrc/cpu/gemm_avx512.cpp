@@ -26,11 +26,18 @@ void pack_panels(const float* b, int64_t K, int64_t N, int64_t sk, int64_t sn, f
 #pragma omp parallel for num_threads(std::max(1, std::min<int>(num_threads, int(panels)))) schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
     float* P = packed + p * K * kPanelColumns;
-    for (int64_t k = 0; k < K; ++k)
+    if (sk == 1) {  // B = W^T: read each row of W (one column n of B) contiguously
       for (int64_t c = 0; c < kPanelColumns; ++c) {
         const int64_t n = p * kPanelColumns + c;
-        P[k * kPanelColumns + c] = n < N ? b[k * sk + n * sn] : 0.0f;
+        for (int64_t k = 0; k < K; ++k) P[k * kPanelColumns + c] = n < N ? b[k + n * sn] : 0.0f;
       }
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < kPanelColumns; ++c) {
+          const int64_t n = p * kPanelColumns + c;
+          P[k * kPanelColumns + c] = n < N ? b[k * sk + n * sn] : 0.0f;
+        }
+    }
   }
 }
 
