@@ -128,9 +128,10 @@ def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, 
 
 # float32 recurrences (T >= 2) run on the hand-written AVX-512 kernels where the CPU has them
 # (csrc/cpu/rnn_recurrence.cpp: step product + epilogue; csrc/cpu/gemm_avx512.cpp: the input projection,
-# d_input, and dW_hh / dW_ih as one product over all rows); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. Both against nn.RNN in float64, at sizes with row
-# tails (B not a multiple of 8, B < 8), column tails (H not a multiple of 32, H < 32), more rows than one chunk
-# of the weight-gradient kernel (T * B > 256), T = 1, and with / without the gradient of hx.
+# d_input, and dW_hh / dW_ih as one product over all rows); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step
+# loop. Both against nn.RNN in float64, at sizes with row tails (B not a multiple of 8, B < 8), column tails
+# (H not a multiple of 32, H < 32), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with /
+# without the gradient of hx.
 @pytest.mark.parametrize("path", ["step_kernel", "matmul_per_step"])
 @pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
                                   (9, 64, 40, 100)])

@@ -131,12 +131,12 @@ bool env_is(const char* name, const char* value) {
 }
 
 // float32 on an AVX-512 CPU takes the kernels from two steps on, at every size and on every vendor's CPU: per
-// product shape of the RNN they run at the CPU's measured FMA peak, level with oneDNN and ahead of MKL, and the
-// step kernel saves each step's library call, elementwise pass and fork/join (bench/results/rnn.md, which also
-// gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). One step (the cell) stays
-// on MKL: packing W_hh costs more than one step gains. Read per call, so that a benchmark can compare the
-// backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN where torch
-// has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
+// product shape of the RNN they run at 70-97% of the CPU's measured FMA peak, level with or ahead of oneDNN and
+// MKL, and the step kernel saves each step's library call, elementwise pass and fork/join (bench/results/rnn.md,
+// which also gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). One step (the
+// cell) stays on MKL: packing W_hh costs about as much as the step. Read per call, so that a benchmark can
+// compare the backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN
+// where torch has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
 Backend choose_backend(at::ScalarType dtype, int64_t T) {
   if (dtype != at::kFloat || !simd::cpu_has_avx512()) return Backend::kMkl;  // the kernels are AVX-512 code
   if (env_is("MMOPS_RNN_BACKEND", "mkl") || env_is("MMOPS_NO_STEP_KERNEL", "1")) return Backend::kMkl;
