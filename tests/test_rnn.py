@@ -217,12 +217,16 @@ def test_saturation_and_nan_match_nn_rnn(monkeypatch, dtype, path, nonlinearity,
         assert torch.isfinite(results[1][4]).all() and results[1][4].abs().max() < 1e3
 
 
-@pytest.mark.parametrize("dtype, path", _PATHS)
+# The cell (T = 1) runs on MKL by default; MMOPS_RNN_BACKEND=kernel forces the AVX-512 kernels onto one step.
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "default"), (torch.float32, "kernel"),
+                                         (torch.float32, "matmul_per_step"), (torch.float64, "default")])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("kind", ["huge", "nan"])
 def test_cell_saturation_and_nan_match_nn_rnncell(monkeypatch, dtype, path, nonlinearity, kind):
     if path == "matmul_per_step":
         monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    elif path == "kernel":
+        monkeypatch.setenv("MMOPS_RNN_BACKEND", "kernel")
     B, I, H = 7, 4, 40
     torch.manual_seed(12)
     ref = torch.nn.RNNCell(I, H, nonlinearity=nonlinearity).to(dtype)
