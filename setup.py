@@ -7,6 +7,8 @@ Flags, and why:
                          and torch.set_num_threads governs our kernels too.
   -fno-math-errno        lets GCC vectorise the hand-written exp and the row reductions;
   -fno-trapping-math     lets it if-convert the NaN-preserving selects inside them (no FP traps are used).
+  MMOPS_SANITIZE=1       builds with AddressSanitizer + UBSan instead of -O3 (.ci/sanitize runs the hostile-input
+                         tests on that build).
   no -march=native       the hot loops carry target_clones (x86-64-v4 / v3 / default) and are
                          dispatched at load time by the CPU they run on (csrc/cpu/simd.h).
 """
@@ -20,8 +22,12 @@ here = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DMMOPS_BUILD"]
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 link_flags = ["-fopenmp"]
+if os.environ.get("MMOPS_SANITIZE") == "1":  # .ci/sanitize: AddressSanitizer + UBSan build of the hostile-input suite
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g"] + sanitize
+    link_flags += sanitize
 
 import torch  # noqa: E402  (torch is a build requirement: install it first, then --no-build-isolation)
 

@@ -1,5 +1,6 @@
-"""`python -m mmops check`: the cmp table of the manual chain vs autograd, and of every fused op vs the chain.
-Exits non-zero if any row is not approximately equal."""
+"""`python -m mmops check`: the cmp table of the manual chain vs autograd, and of every fused op family
+(cross-entropy, BatchNorm, RNN cell and sequence) vs its reference chain with the manual backward. Exits with
+code 1 if any row is not approximately equal."""
 from __future__ import annotations
 
 import argparse
@@ -73,12 +74,64 @@ def check_batch_norm(dtype=torch.float64, n: int = 32, C: int = 64) -> list[CmpR
     ]
 
 
+def check_rnn(nonlinearity: str, dtype=torch.float64, T: int = 6, B: int = 4, I: int = 5, H: int = 8) -> list[CmpRow]:
+    """The fused RNN (sequence and cell) against d2l's step loop (reference.rnn_chain) and its manual backprop
+    through time (reference.rnn_chain_backward); nn.RNN's weight_ih / weight_hh are the loop's W_xh^T / W_hh^T
+    and its two biases add up to b_h, so each receives the loop's db_h."""
+    print(f"-- fused mmops.rnn / mmops.rnn_cell ({nonlinearity}) vs the step loop and its manual BPTT "
+          f"({dtype}, T{T} B{B} I{I} H{H})")
+    g = torch.Generator().manual_seed(3)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
+
+    x, h0 = leaf(T, B, I), leaf(B, H, scale=0.5)
+    w_ih, w_hh = leaf(H, I, scale=0.4), leaf(H, H, scale=0.3)
+    b_ih, b_hh = leaf(H, scale=0.1), leaf(H, scale=0.1)
+    dout = torch.randn(T, B, H, generator=g, dtype=dtype)
+    # float32: the fused kernels sum in another order than the loop; the rows are near 1e-6 relative
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+    chain = reference.rnn_chain(x.detach(), h0.detach(), w_ih.detach().T, w_hh.detach().T,
+                                (b_ih + b_hh).detach(), nonlinearity)
+    manual = reference.rnn_chain_backward(chain, dout)
+    out, _ = mmops.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity)
+    out.backward(dout)
+    rows = [
+        cmp("rnn output vs loop", chain["outputs"], out.detach(), **tol),
+        cmp("rnn dinput vs BPTT", manual["dinputs"], x, **tol),
+        cmp("rnn dh0 vs BPTT", manual["dh0"], h0, **tol),
+        cmp("rnn dweight_ih vs BPTT", manual["dW_xh"].T, w_ih, **tol),
+        cmp("rnn dweight_hh vs BPTT", manual["dW_hh"].T, w_hh, **tol),
+        cmp("rnn dbias_ih vs BPTT", manual["db_h"], b_ih, **tol),
+        cmp("rnn dbias_hh vs BPTT", manual["db_h"], b_hh, **tol),
+    ]
+    for t in (x, h0, w_ih, w_hh, b_ih, b_hh):
+        t.grad = None
+    step = reference.rnn_chain(x[:1].detach(), h0.detach(), w_ih.detach().T, w_hh.detach().T,
+                               (b_ih + b_hh).detach(), nonlinearity)
+    step_manual = reference.rnn_chain_backward(step, dout[:1])
+    h1 = mmops.rnn_cell(x[0], h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity)
+    h1.backward(dout[0])
+    rows += [
+        cmp("cell h vs one step", step["outputs"][0], h1.detach(), **tol),
+        cmp("cell dinput vs manual", step_manual["dinputs"][0], x.grad[0], **tol),
+        cmp("cell dhx vs manual", step_manual["dh0"], h0, **tol),
+        cmp("cell dweight_ih vs manual", step_manual["dW_xh"].T, w_ih, **tol),
+        cmp("cell dweight_hh vs manual", step_manual["dW_hh"].T, w_hh, **tol),
+        cmp("cell dbias vs manual", step_manual["db_h"], b_ih, **tol),
+    ]
+    return rows
+
+
 def run_all() -> list[CmpRow]:
     rows = []
     rows += check_manual_chain()
     for dtype in (torch.float64, torch.float32):
         rows += check_cross_entropy(dtype)
         rows += check_batch_norm(dtype)
+        for nonlinearity in ("tanh", "relu"):
+            rows += check_rnn(nonlinearity, dtype)
     return rows
 
 

@@ -6,6 +6,8 @@
 - DeepMLP:  the activations-and-gradients notebook's stack: n_layers x (Linear, BatchNorm1d, Tanh), then
             Linear + BatchNorm1d, with the gain options.
 - CharRNN:  a character RNN on mmops.nn.RNN fed token ids, a learned start state, mmops cross-entropy.
+- TextRNN:  the Dive into Deep Learning character RNN on running text (relu or tanh, randn * 0.01 init, zero
+            start state, stateful minibatches), on mmops.nn.RNN fed token ids and mmops cross-entropy.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as MF
+from ._cross_entropy import cross_entropy
 from . import nn as mnn
-from ._ops import ops
+from ._ops import ACTIVATIONS, ops
 from .data import Vocab
 
-__all__ = ["MLP", "DeepMLP", "CharRNN", "TorchMLP", "build_model", "sample"]
+__all__ = ["MLP", "DeepMLP", "CharRNN", "TextRNN", "TorchMLP", "build_model", "sample"]
 
 
 def _init_linear(lin: nn.Linear, gain: float, g: torch.Generator | None) -> None:
@@ -53,10 +55,15 @@ class MLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         return [self.bn]
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        """(label, module) of each module whose output is a tanh, labelled as the notebooks' layer list
+        (Linear, BatchNorm1d, Tanh) would number it: the fused BatchNorm + tanh is layers 1 and 2."""
+        return [("layer 2 (Tanh)", self.bn)]
 
     @torch.no_grad()
     def train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
@@ -73,7 +80,7 @@ class MLP(nn.Module):
         embcat = E.index_select(0, X.view(-1)).view(n, -1)
         hprebn = embcat.mm(W1.t())
         h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
-                                                 momentum, bn.eps, bn.bessel, 1)
+                                                 momentum, bn.eps, bn.bessel, ACTIVATIONS["tanh"])
         logits = torch.addmm(b2, h, W2.t())
         loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
         # backward
@@ -151,11 +158,26 @@ class DeepMLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         """The modules whose output is a tanh: the fused BatchNorm+tanh ones, or the Tanh layers."""
         return [m for m in self.layers if isinstance(m, nn.Tanh) or getattr(m, "activation", None) == "tanh"]
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        """(label, module) of each tanh output, numbered as in the notebook's list of layers, where BatchNorm1d
+        and Tanh are separate entries: a fused BatchNorm + tanh module counts as two layers, its output is
+        the second one's (e.g. 'layer 2 (Tanh)', 'layer 5 (Tanh)', ...)."""
+        out, index = [], 0
+        for m in self.layers:
+            if getattr(m, "activation", None) == "tanh":
+                out.append((f"layer {index + 1} (Tanh)", m))
+                index += 2
+            else:
+                if isinstance(m, nn.Tanh):
+                    out.append((f"layer {index} (Tanh)", m))
+                index += 1
+        return out
 
 
 class CharRNN(nn.Module):
@@ -181,10 +203,78 @@ class CharRNN(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits, _ = self.run(X)
-        return logits if Y is None else MF.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        return logits if Y is None else cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
 
     def tanh_layers(self) -> list[nn.Module]:
         return []
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("RNN hidden state (tanh)", self.rnn)] if self.rnn.nonlinearity == "tanh" else []
+
+
+class TextRNN(nn.Module):
+    """The Dive into Deep Learning character RNN "from scratch", on mmops.nn.RNN and mmops.cross_entropy:
+    H_t = act(X_t W_xh + H_{t-1} W_hh + b_h), Y_t = H_t W_hq + b_q, on token ids (the one-hot X_t is a row
+    gather of weight_ih: no one-hot tensor exists), weights drawn as randn * 0.01, zero biases and a zero
+    initial state, as the book.
+
+    nn.RNN's layer has two biases (bias_ih + bias_hh) where the book has one b_h: bias_hh_l0 stays a frozen
+    zero (requires_grad False), so the parameters that train are exactly the book's W_xh^T (weight_ih_l0),
+    W_hh^T (weight_hh_l0), b_h (bias_ih_l0), W_hq^T (head.weight) and b_q (head.bias)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int = 256, nonlinearity: str = "relu", *,
+                 seed: int | None = 2147483647):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, nonlinearity=nonlinearity)
+        self.rnn = mnn.RNN(vocab_size, hidden_size, nonlinearity=nonlinearity)
+        self.head = nn.Linear(hidden_size, vocab_size)
+        with torch.no_grad():
+            for w in (self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.head.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.01)
+            for b in (self.rnn.bias_ih_l0, self.rnn.bias_hh_l0, self.head.bias):
+                b.zero_()
+        self.rnn.bias_hh_l0.requires_grad_(False)
+
+    def begin_state(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        w = self.rnn.weight_hh_l0
+        return torch.zeros(1, batch_size, self.rnn.hidden_size, device=device or w.device, dtype=dtype or w.dtype)
+
+    def forward(self, X: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """X: token ids (T, B), time-major as the book's X.T. Returns the logits (T * B, V), rows in time-major
+        order (the book's torch.cat of the per-step outputs), and the last state (1, B, H)."""
+        out, state = self.rnn(X, state)
+        return self.head(out.reshape(-1, out.shape[-1])), state
+
+    def loss(self, X: Tensor, Y: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The mean cross-entropy over every predicted character of the (T, B) minibatch, and the last state."""
+        logits, state = self(X, state)
+        return cross_entropy(logits, Y.reshape(-1)), state
+
+    @torch.no_grad()
+    def predict(self, prefix_ids: list[int], num_preds: int, *, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> list[int]:
+        """The book's predict(): the prefix warms the state, then num_preds tokens, each the argmax of the last
+        output (temperature 0) or drawn from softmax(logits / temperature). Returns the new token ids."""
+        if not prefix_ids:
+            raise ValueError("predict: the prefix must hold at least one token")
+        was = self.training
+        self.eval()
+        try:
+            dev = self.head.weight.device
+            logits, state = self(torch.tensor(prefix_ids, device=dev).view(-1, 1))
+            out = []
+            for _ in range(num_preds):
+                last = logits[-1]
+                if temperature > 0:
+                    ix = int(torch.multinomial(F.softmax(last.float() / temperature, -1).cpu(), 1, generator=generator))
+                else:
+                    ix = int(last.argmax())
+                out.append(ix)
+                logits, state = self(torch.tensor([[ix]], device=dev), state)
+        finally:
+            self.train(was)
+        return out
 
 
 MODELS = {"mlp": MLP, "deep": DeepMLP, "rnn": CharRNN}

@@ -233,3 +233,58 @@ def _retain(chain: dict) -> None:
     for v in chain.values():
         if isinstance(v, Tensor) and v.requires_grad and not v.is_leaf:
             v.retain_grad()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The d2l character RNN "from scratch" (its chapter on recurrent networks): one-hot inputs, a Python loop over
+# time steps, plain matmuls and F.relu / torch.tanh. The reference of mmops.models.TextRNN and the baseline of
+# `bench --op text`.
+# ---------------------------------------------------------------------------------------------------------
+def d2l_rnn_params(vocab_size: int, num_hiddens: int, *, generator: torch.Generator | None = None,
+                   dtype=torch.float32) -> dict[str, Tensor]:
+    """The book's get_params: W_xh (V, H), W_hh (H, H), W_hq (H, V) drawn as randn * 0.01; b_h, b_q zeros.
+    All require grad."""
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype) * 0.01
+
+    p = {"W_xh": normal(vocab_size, num_hiddens), "W_hh": normal(num_hiddens, num_hiddens),
+         "b_h": torch.zeros(num_hiddens, dtype=dtype), "W_hq": normal(num_hiddens, vocab_size),
+         "b_q": torch.zeros(vocab_size, dtype=dtype)}
+    for t in p.values():
+        t.requires_grad_(True)
+    return p
+
+
+def d2l_rnn(inputs: Tensor, state: Tensor, params: dict[str, Tensor], nonlinearity: str = "relu"
+            ) -> tuple[Tensor, Tensor]:
+    """The book's rnn(): inputs (T, B, V) one-hot rows, state (B, H). Returns the outputs of every step
+    concatenated in time-major order, (T * B, V), and the last state."""
+    act = F.relu if nonlinearity == "relu" else torch.tanh
+    W_xh, W_hh, b_h, W_hq, b_q = (params[k] for k in ("W_xh", "W_hh", "b_h", "W_hq", "b_q"))
+    H = state
+    outputs = []
+    for X in inputs:
+        H = act(torch.mm(X, W_xh) + torch.mm(H, W_hh) + b_h)
+        outputs.append(torch.mm(H, W_hq) + b_q)
+    return torch.cat(outputs, dim=0), H
+
+
+def d2l_rnn_loss(params: dict[str, Tensor], X: Tensor, Y: Tensor, state: Tensor | None,
+                 nonlinearity: str = "relu") -> tuple[Tensor, Tensor]:
+    """One minibatch of the book's train_epoch: X, Y token ids (T, B), time-major (the book's X.T and Y.T);
+    the one-hot inputs, the step loop, and the cross-entropy averaged over every predicted character.
+    state None starts from zeros (the book's begin_state). Returns (loss, last state)."""
+    V, H = params["W_xh"].shape
+    dtype = params["W_xh"].dtype
+    if state is None:
+        state = torch.zeros(X.shape[1], H, dtype=dtype)
+    y_hat, state = d2l_rnn(F.one_hot(X, V).to(dtype), state, params, nonlinearity)
+    return F.cross_entropy(y_hat, Y.reshape(-1)), state
+
+
+def d2l_grad_clipping(params: list[Tensor], theta: float) -> None:
+    """The book's grad_clipping: scale every gradient by theta / norm when the global norm exceeds theta."""
+    norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in params))
+    if norm > theta:
+        for p in params:
+            p.grad[:] *= theta / norm

@@ -68,8 +68,12 @@ def test_bad_corpus_files(tmp_path, content, match):
 def test_missing_file_and_tiny_corpus(tmp_path):
     with pytest.raises(D.CorpusError, match="does not exist"):
         D.load_words(str(tmp_path / "nope.txt"))
-    with pytest.raises(D.CorpusError, match="at least 3 words"):
-        D.make_splits(["ab", "cd"])
+    for n in range(1, D.MIN_WORDS):  # 4 words once gave an empty validation split and "val loss 0.0000"
+        with pytest.raises(D.CorpusError, match=f"a corpus of {n} words .* at least 6 words"):
+            D.make_splits(["ab", "cd", "ef", "gh", "ij"][:n])
+    for n in range(D.MIN_WORDS, 40):
+        s = D.make_splits([chr(97 + k % 26) * (1 + k // 26) for k in range(n)], block_size=2)
+        assert all(len(part) > 0 for part in s.words), n
 
 
 def test_encode_outside_vocabulary():

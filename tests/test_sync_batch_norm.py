@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import mmops
 import mmops.nn
 from mmops._ops import ops
-from mmops.train import end_spawned_worker
+from mmops._distributed import end_spawned_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -44,7 +44,7 @@ def _equality_worker(rank, world, init_file, out_dir, sizes, bessel, activation,
     except BaseException:
         dist.destroy_process_group()
         raise
-    end_spawned_worker(dist)  # barrier, destroy, os._exit(0): see mmops/train.py
+    end_spawned_worker(dist)  # barrier, destroy, os._exit(0): see mmops/_distributed.py
 
 
 def _spawn(fn, world, *args):

@@ -26,6 +26,22 @@ def test_short_run_loss_falls(model, steps, extra, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["mlp", "rnn"])
+def test_resume_keeps_the_checkpoint_schedule_and_equals_one_run(model, tmp_path):
+    """The straight run of 40 steps decays the lr at its default, step 20; the first part states that schedule
+    once, and the resumed run takes model, data, batch, seed and schedule from the checkpoint alone."""
+    a, b, c = (str(tmp_path / f"{k}.pt") for k in "abc")
+    _run("--model", model, "--batch-size", "8", "--samples", "0", "--steps", "40", "--save", a)
+    _run("--model", model, "--batch-size", "8", "--samples", "0", "--steps", "20", "--decay-at", "20", "--save", b)
+    res = _run("--steps", "40", "--load", b, "--save", c, "--samples", "0")
+    sa, sc = torch.load(a, weights_only=False), torch.load(c, weights_only=False)
+    assert sc["run"] == sa["run"] and sa["run"]["decay_at"] == 20 and sa["run"]["model"] == model
+    assert sa["lossi"] == sc["lossi"]
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sc["state_dict"][k]), k
+    assert res["model"] == model and res["steps"] == 40
+
+
+@pytest.mark.parametrize("model", ["mlp", "rnn"])
 def test_checkpoint_resume_equals_one_run(model, tmp_path):
     common = ["--model", model, "--decay-at", "30", "--samples", "0", "--batch-size", "8"]
     a, b, c = (str(tmp_path / f"{k}.pt") for k in "abc")
@@ -39,15 +55,26 @@ def test_checkpoint_resume_equals_one_run(model, tmp_path):
         assert torch.equal(v, sc["state_dict"][k]), k
 
 
-def test_load_checks_model_and_vocabulary(tmp_path):
-    ck = str(tmp_path / "m.pt")
-    _run("--steps", "5", "--save", ck)
-    with pytest.raises(SystemExit, match="holds a 'mlp' model"):
-        _run("--model", "deep", "--steps", "10", "--load", ck)
+def test_load_checks_model_and_vocabulary(tmp_path, capsys):
     corpus = tmp_path / "w.txt"
-    corpus.write_text("xyz\nzyx\nyy\nxx\n")
-    with pytest.raises(SystemExit, match="another vocabulary"):
-        _run("--steps", "10", "--load", ck, "--data", str(corpus))
+    corpus.write_text("xyz\nzyx\nyy\nxx\nxyzzy\nzz\n")
+    ck = str(tmp_path / "m.pt")
+    _run("--steps", "5", "--save", ck, "--data", str(corpus))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _run("--model", "deep", "--steps", "10", "--load", ck)
+    assert "--model 'deep' disagrees with the checkpoint" in capsys.readouterr().err
+    corpus.write_text("abc\ncab\nbb\naa\nabcba\ncc\n")  # the file changed since the checkpoint
+    with pytest.raises(SystemExit):
+        _run("--steps", "10", "--load", ck)
+    assert "another vocabulary" in capsys.readouterr().err
+
+
+def test_schedule_override_on_resume_is_printed(tmp_path, capsys):
+    ck = str(tmp_path / "m.pt")
+    _run("--steps", "10", "--save", ck, "--samples", "0")
+    _run("--steps", "12", "--load", ck, "--lr", "0.05", "--samples", "0")
+    assert "--lr 0.05 overrides the checkpoint's 0.1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["mlp", "deep", "rnn"])
@@ -56,17 +83,22 @@ def test_plots_are_written(model, tmp_path):
     _run("--model", model, "--steps", "50", "--plots", str(d), "--batch-size", "16")
     files = sorted(os.listdir(d))
     assert files == ["activations.png", "gradients.png", "loss.png", "update_ratio.png", "weight_grads.png"]
+    labels = [label for label, _ in T.M.build_model(model, 27).activation_layers()]
+    assert labels == {"mlp": ["layer 2 (Tanh)"], "deep": [f"layer {3 * k + 2} (Tanh)" for k in range(5)],
+                      "rnn": ["RNN hidden state (tanh)"]}[model]
     for f in files:
         data = (d / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-@pytest.mark.parametrize("content, match", [(b"", "has no words"), (b"\x00\x01\x02", "is not text")])
-def test_bad_corpus_is_a_clear_error(tmp_path, content, match):
+@pytest.mark.parametrize("content, match", [(b"", "has no words"), (b"\x00\x01\x02", "is not text"),
+                                            (b"ab\ncd\nef\ngh\n", "needs at least 6 words")])
+def test_bad_corpus_is_a_clear_error(tmp_path, content, match, capsys):
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(SystemExit) as e:
         _run("--steps", "5", "--data", str(p))
+    assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_cli_entry_point_and_bad_arguments(capsys):
@@ -91,3 +123,21 @@ def test_ddp_two_processes_follow_the_single_process_run(tmp_path):
     for k in sb:
         torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
     assert res["val_loss"] < 3.0
+
+
+def test_output_directories_are_created_before_training(tmp_path):
+    save, out = tmp_path / "new" / "deeper" / "ck.pt", tmp_path / "other" / "r.json"
+    _run("--steps", "3", "--samples", "0", "--save", str(save), "--json", str(out))
+    assert save.is_file() and json.loads(out.read_text())["steps"] == 3
+
+
+def test_torchrun_environment_is_read_and_checked():
+    from mmops._distributed import torchrun_env
+
+    assert torchrun_env({}) is None
+    env = torchrun_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank) == (1, 4, 1)
+    with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
+        torchrun_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="expected integers"):
+        torchrun_env({"RANK": "x", "WORLD_SIZE": "4"})

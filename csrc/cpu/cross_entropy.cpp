@@ -1,34 +1,36 @@
 // Fused cross-entropy (log-softmax + NLL) on the CPU: the forward, which also writes the gradient, and
 // the backward, which only scales it.
 //
-// The math, for row i of logits x with C classes, p = softmax(x_i), lse = logsumexp(x_i):
+// The math, for row i of logits x with C classes, m = max_c x_c, s = sum_c exp(x_c - m), p = exp(x - m) / s
+// (lse = m + log s is never formed: it would be subtracted from a logit of the same size, and at 1e8 the
+// log s would be lost to rounding; every loss below is a sum of log s and of gaps m - x_c >= 0):
 //   class-index target y (weights w, 1 when absent; W = sum_c w_c; label smoothing e):
-//     loss_i    = (1-e) w_y (lse - x_y) + e/C (W lse - sum_c w_c x_c)            [0 if y == ignore_index]
-//     dloss_i/dx_ij = ((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]
+//     loss_i        = (1-e) w_y (log s + (m - x_y)) + e/C (W log s + sum_c w_c (m - x_c))   [0 if y is ignored]
+//     dloss_i/dx_ij = ((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]                 [0 if y is ignored]
 //     (e = 0, w = 1: the notebook's one-liner  dlogits = softmax; dlogits[range(n), Y] -= 1; /= n)
 //   probability target t (t' = (1-e) t + e/C, T = sum_c w_c t'_c):
-//     loss_i    = T lse - sum_c w_c t'_c x_c
+//     loss_i        = T log s + sum_c w_c t'_c (m - x_c)
 //     dloss_i/dx_ij = T p_j - w_j t'_j
 //   reduction: "none" keeps loss_i; "sum" adds; "mean" divides by D = sum of w_y over the rows that are
 //   not ignored (PyTorch's nll_loss rule; 0/0 = nan when all are) or by N for probability targets.
+//   The forward writes G_ij = r dloss_i/dx_ij, r = 1/D for "mean", else 1 (the gradient of the loss it returns).
+//   The backward, given grad_output g (a scalar for "mean"/"sum", one value per row for "none"):
+//     dL/dx_ij = g_i G_ij   (g_i = g for a scalar), a copy scaled row by row, or in place for inplace_backward
+//     (there a scalar g = 1 leaves G as it is).
 //
-// Why the gradient is written by the forward: the row is in L1 right after its softmax, so writing
-// rs * dloss_i/dx_i (rs = 1/D for mean, else 1) costs one streaming store and no second read of x. The
-// backward is then free when grad_output == 1 (loss.backward()) and one multiply otherwise. The other
-// design (save lse, recompute p in backward) reads x twice and writes the same gradient; it is not
-// implemented here, so the two have not been measured against each other yet.
+// Why the gradient is written by the forward: the row is in L1 right after its softmax, so writing G costs
+// one store and no second read of x. The backward is then free when grad_output == 1 (loss.backward()) and
+// one multiply otherwise. The other design (save lse, recompute p in backward) reads x twice and computes
+// exp twice; it is not implemented here, so the two have not been measured against each other.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "cpu/simd.h"
 
@@ -37,6 +39,7 @@ namespace {
 
 using at::Tensor;
 
+// One forward call's operands, in the names of the math above.
 template <typename T>
 struct CEArgs {
   const T* x = nullptr;        // (N, C) logits, contiguous
@@ -44,33 +47,40 @@ struct CEArgs {
   const int64_t* y = nullptr;  // (N,) class indices, or
   const T* t = nullptr;        // (N, C) class probabilities
   const T* w = nullptr;        // (C,) class weights or nullptr
-  T W = 0;                     // sum of w (C when w is absent)
+  T weight_sum = 0;            // W = sum of w (C when w is absent)
   int64_t ignore_index = -100;
-  T eps = 0;                   // label smoothing
-  T rs = 1;                    // gradient row scale: 1/D for mean, else 1
+  T smoothing = 0;             // e
+  T grad_scale = 1;            // r = 1/D for "mean", else 1
   T* grad = nullptr;           // (N, C) gradient out (may alias x: inplace_backward), or nullptr
   T* loss_rows = nullptr;      // (N,) per-row loss for reduction "none", or nullptr
 };
 
-// Rows are processed in blocks of about kBlockElements values: for short rows (C = 27) a per-row exp
+// Rows shorter than kBlockElements are processed in blocks of about kBlockElements values (so that a block
+// of x and of the gradient stays in L1 between the passes): for short rows (C = 27) a per-row exp
 // loop would spend most of its time in the scalar remainder of each row, so the block does
-//   pass 1, per row: max m, x[y] and the smoothing dot, and work = x - m (cheap short loops);
+//   pass 1, per row: max m, x[y], work = x - m, and the sums of gaps (cheap short loops);
 //   pass 2, flat:    work = exp(work) over the whole block at full vector width;
-//   pass 3, per row: s = sum(work), lse = m + log s, the loss, and the gradient from work in place.
+//   pass 3, per row: s = sum(work), the loss as log s + (m - x_y) (never lse = m + log s minus a logit: two
+//                    large numbers would cancel), and the gradient from work in place.
 // `work` is the gradient rows themselves (or a scratch block when no gradient is wanted), so when the
 // gradient aliases x (inplace_backward) everything that reads x happens in pass 1, before it is overwritten.
 constexpr int64_t kBlockElements = 2048;
 constexpr int64_t kMaxBlockRows = 256;
 
+// What pass 1 leaves for pass 3, per row of a block.
 template <typename T>
-struct RowBlock {
+struct IndexRowBlock {
   T m[kMaxBlockRows];
   T x_y[kMaxBlockRows];
-  T aux[kMaxBlockRows];  // smoothing dot (index targets) or T = sum w t' (probability targets)
-  T aux2[kMaxBlockRows];  // sum w t' x (probability targets)
+  T smooth_gap[kMaxBlockRows];  // sum_c w_c (m - x_c), with smoothing
+};
+template <typename T>
+struct ProbRowBlock {
+  T m[kMaxBlockRows];
+  T target_mass[kMaxBlockRows];  // T = sum_c w_c t'_c
+  T target_gap[kMaxBlockRows];   // sum_c w_c t'_c (m - x_c)
 };
 
-template <typename T>
 MMOPS_INLINE int64_t block_rows(int64_t C) {
   return std::min<int64_t>(kMaxBlockRows, std::max<int64_t>(1, kBlockElements / C));
 }
@@ -90,9 +100,9 @@ MMOPS_INLINE void exp_inplace(T* v, int64_t n) {
 // Rows [begin, end) with class-index targets. Returns the sum of their losses.
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
-  const int64_t C = a.C, R = block_rows<T>(C);
-  const T e_over_C = a.eps / static_cast<T>(C);
-  RowBlock<T> rb;
+  const int64_t C = a.C, R = block_rows(C);
+  const T e_over_C = a.smoothing / static_cast<T>(C);
+  IndexRowBlock<T> rb;
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += R) {
     const int64_t rows = std::min(R, end - i0);
@@ -100,16 +110,16 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
     for (int64_t r = 0; r < rows; ++r) {  // pass 1
       const int64_t y = a.y[i0 + r];
       const T* x = a.x + (i0 + r) * C;
-      T* w = work + r * C;
+      T* work_row = work + r * C;
       if (y == a.ignore_index) {
-        for (int64_t j = 0; j < C; ++j) w[j] = -__builtin_inf();  // exp -> 0: an all-zero gradient row
+        for (int64_t j = 0; j < C; ++j) work_row[j] = -__builtin_inf();  // exp -> 0: an all-zero gradient row
         continue;
       }
       const T m = simd::row_max(x, C);
       rb.m[r] = m;
       rb.x_y[r] = x[y];
-      if (kSmooth) rb.aux[r] = kWeight ? simd::dot(a.w, x, C) : simd::sum(x, C);
-      sub_store(x, w, C, m);
+      sub_store(x, work_row, C, m);
+      if (kSmooth) rb.smooth_gap[r] = -(kWeight ? simd::dot(a.w, work_row, C) : simd::sum(work_row, C));
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -120,28 +130,28 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
         continue;
       }
       const T s = simd::sum(g, C);
-      const T lse = rb.m[r] + std::log(s);
+      const T log_s = std::log(s);
       const T w_y = kWeight ? a.w[y] : T(1);
-      T loss = w_y * (lse - rb.x_y[r]);
-      if (kSmooth) loss = (1 - a.eps) * loss + e_over_C * (a.W * lse - rb.aux[r]);
+      T loss = w_y * (log_s + (rb.m[r] - rb.x_y[r]));
+      if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + rb.smooth_gap[r]);
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
-        const T hot = kSmooth ? (1 - a.eps) * w_y : w_y;
-        const T coef = a.rs * (kSmooth ? hot + e_over_C * a.W : hot) / s;
+        const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
+        const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
         if (kSmooth && kWeight) {
-          const T c2 = a.rs * e_over_C;
+          const T smooth_share = a.grad_scale * e_over_C;
 #pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2 * a.w[j];
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share * a.w[j];
         } else if (kSmooth) {
-          const T c2 = a.rs * e_over_C;
+          const T smooth_share = a.grad_scale * e_over_C;
 #pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - c2;
+          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share;
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) g[j] *= coef;
         }
-        g[y] -= a.rs * hot;
+        g[y] -= a.grad_scale * hot;
       }
     }
   }
@@ -151,9 +161,9 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
 // Rows [begin, end) with probability targets (same three passes).
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
-  const int64_t C = a.C, R = block_rows<T>(C);
-  const T keep = 1 - a.eps, e_over_C = a.eps / static_cast<T>(C);
-  RowBlock<T> rb;
+  const int64_t C = a.C, R = block_rows(C);
+  const T keep = 1 - a.smoothing, e_over_C = a.smoothing / static_cast<T>(C);
+  ProbRowBlock<T> rb;
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += R) {
     const int64_t rows = std::min(R, end - i0);
@@ -162,18 +172,19 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       const T* x = a.x + (i0 + r) * C;
       const T* t = a.t + (i0 + r) * C;
       const T m = simd::row_max(x, C);
-      T tw_sum = 0, tw_dot = 0;  // sum_c w_c t'_c and sum_c w_c t'_c x_c
-#pragma omp simd reduction(+ : tw_sum, tw_dot)
+      T* work_row = work + r * C;
+      sub_store(x, work_row, C, m);
+      T mass = 0, gap_sum = 0;  // sum_c w_c t'_c and sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : mass, gap_sum)
       for (int64_t j = 0; j < C; ++j) {
         T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
         if (kWeight) tj *= a.w[j];
-        tw_sum += tj;
-        tw_dot += tj * x[j];
+        mass += tj;
+        gap_sum -= tj * work_row[j];
       }
       rb.m[r] = m;
-      rb.aux[r] = tw_sum;
-      rb.aux2[r] = tw_dot;
-      sub_store(x, work + r * C, C, m);
+      rb.target_mass[r] = mass;
+      rb.target_gap[r] = gap_sum;
     }
     exp_inplace(work, rows * C);  // pass 2
     for (int64_t r = 0; r < rows; ++r) {  // pass 3
@@ -181,17 +192,16 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       T* g = work + r * C;
       const T* t = a.t + i * C;
       const T s = simd::sum(g, C);
-      const T lse = rb.m[r] + std::log(s);
-      const T loss = rb.aux[r] * lse - rb.aux2[r];
+      const T loss = rb.target_mass[r] * std::log(s) + rb.target_gap[r];
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
       if (kGrad) {
-        const T coef = a.rs * rb.aux[r] / s;
+        const T coef = a.grad_scale * rb.target_mass[r] / s;
 #pragma omp simd
         for (int64_t j = 0; j < C; ++j) {
           T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
           if (kWeight) tj *= a.w[j];
-          g[j] = g[j] * coef - a.rs * tj;
+          g[j] = g[j] * coef - a.grad_scale * tj;
         }
       }
     }
@@ -199,167 +209,204 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
   return total;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMOPS_NO_CLONES)
-// Short rows on AVX-512 (C <= 32: makemore's 27 characters). A whole row sits in two zmm registers filled by
-// masked loads (lanes past C read as -inf, so exp gives 0 there and nothing outside the row is touched), so
-// max, exp, sum and the gradient store take a handful of instructions and no scalar remainder loop. Covers
-// the plain case (class-index targets, no weight, no smoothing); the others take the generic blocks.
-#define MMOPS_AVX512_SMALL_ROWS 1
-#define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
-
-// simd::exp, lane-wise: the same Cephes polynomial; 2^n applied by scalef; NaN kept (min/max return
-// their second operand when one is NaN, so x goes second); x < -87.34 flushed to 0.
-MMOPS_AVX512 __m512 exp_avx512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
-  __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
-  const __m512 res = _mm512_scalef_ps(p, n);
-  return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+// Long rows (C >= kBlockElements): the row alone fills the vector loops, so no block is needed and the
+// passes fuse: max; then exp(x - m) with its sum (and the smoothing or target sums) in one loop, writing
+// the gradient row (nothing when no gradient is wanted); then the gradient scaled in place. Three passes
+// over the row instead of five; x[y] and every sum that reads x come before the write that may overwrite it.
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  const T e_over_C = a.smoothing / static_cast<T>(C);
+  double total = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t y = a.y[i];
+    const T* x = a.x + i * C;
+    T* g = kGrad ? a.grad + i * C : nullptr;
+    if (y == a.ignore_index) {
+      if (kGrad) std::fill(g, g + C, T(0));
+      if (a.loss_rows) a.loss_rows[i] = 0;
+      continue;
+    }
+    const T m = simd::row_max(x, C);
+    const T x_y = x[y];
+    T s = 0, smooth_gap = 0;  // sum_c exp(x_c - m) and sum_c w_c (m - x_c)
+#pragma omp simd reduction(+ : s, smooth_gap)
+    for (int64_t j = 0; j < C; ++j) {
+      const T d = x[j] - m;
+      if (kSmooth) smooth_gap -= kWeight ? a.w[j] * d : d;
+      const T e = simd::exp(d);
+      if (kGrad) g[j] = e;
+      s += e;
+    }
+    const T log_s = std::log(s);
+    const T w_y = kWeight ? a.w[y] : T(1);
+    T loss = w_y * (log_s + (m - x_y));
+    if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + smooth_gap);
+    total += loss;
+    if (a.loss_rows) a.loss_rows[i] = loss;
+    if (kGrad) {
+      const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
+      const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
+      const T smooth_share = a.grad_scale * e_over_C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = g[j] * coef - (kSmooth ? (kWeight ? smooth_share * a.w[j] : smooth_share) : T(0));
+      g[y] -= a.grad_scale * hot;
+    }
+  }
+  return total;
 }
 
-// One row of C <= 32 logits in two masked vectors: e = exp(x - m), m = max, s = sum e.
-MMOPS_AVX512 void small_row_exp(const float* x, __mmask16 k0, __mmask16 k1, __m512 ninf, __m512& e0, __m512& e1,
-                                       float& m, float& s) {
-  const __m512 x0 = _mm512_mask_loadu_ps(ninf, k0, x);
-  const __m512 x1 = _mm512_mask_loadu_ps(ninf, k1, x + 16);
-  m = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
-  const __m512 vm = _mm512_set1_ps(m);
-  e0 = exp_avx512(_mm512_sub_ps(x0, vm));
-  e1 = exp_avx512(_mm512_sub_ps(x1, vm));
-  s = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-}
-
-// The gradient row rs * (e / s - onehot(y)): the one-hot subtraction in the register, no scalar
-// read-modify-write after the masked store.
-MMOPS_AVX512 void store_small_grad(float* g, int64_t y, __m512 e0, __m512 e1, float s, float rs_f, __m512 rs,
-                                          __mmask16 k0, __mmask16 k1) {
-  const __m512 coef = _mm512_set1_ps(rs_f / s);
-  const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
-  const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
-  const __m512 p0 = _mm512_mul_ps(e0, coef), p1 = _mm512_mul_ps(e1, coef);
-  _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, rs));
-  _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, rs));
-}
-
-MMOPS_AVX512 void zero_small_row(float* g, __mmask16 k0, __mmask16 k1) {
-  _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
-  _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
-}
-
-// The loss of a block of rows: per row for "none", else a running total with sum_i log(s_i) taken as
-// log(prod_i s_i): with 1 <= s_i <= C <= 32, a product of 16 rows stays below 2^80 in double and one log
-// serves 16 rows.
-struct SmallRowsLoss {
-  float* loss_rows;
-  double total = 0, prod = 1;
-  int in_prod = 0;
-  void add(int64_t i, float m, float s, float x_y) {
-    if (loss_rows) {
-      const float loss = m + std::log(s) - x_y;
-      loss_rows[i] = loss;
-      total += loss;
-    } else {
-      total += static_cast<double>(m) - x_y;
-      prod *= s;
-      if (++in_prod == 16 || !(s >= 1.0f)) {  // s < 1 or NaN: do not let it hide in the product
-        total += std::log(prod);
-        prod = 1;
-        in_prod = 0;
+template <typename T, bool kWeight, bool kSmooth, bool kGrad>
+MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  const T keep = 1 - a.smoothing, e_over_C = a.smoothing / static_cast<T>(C);
+  double total = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* x = a.x + i * C;
+    const T* t = a.t + i * C;
+    T* g = kGrad ? a.grad + i * C : nullptr;
+    const T m = simd::row_max(x, C);
+    T s = 0, mass = 0, gap_sum = 0;  // sum exp(x - m), sum_c w_c t'_c, sum_c w_c t'_c (m - x_c)
+#pragma omp simd reduction(+ : s, mass, gap_sum)
+    for (int64_t j = 0; j < C; ++j) {
+      const T d = x[j] - m;
+      T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+      if (kWeight) tj *= a.w[j];
+      mass += tj;
+      gap_sum -= tj * d;
+      const T e = simd::exp(d);
+      if (kGrad) g[j] = e;
+      s += e;
+    }
+    const T loss = mass * std::log(s) + gap_sum;
+    total += loss;
+    if (a.loss_rows) a.loss_rows[i] = loss;
+    if (kGrad) {
+      const T coef = a.grad_scale * mass / s;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+        if (kWeight) tj *= a.w[j];
+        g[j] = g[j] * coef - a.grad_scale * tj;
       }
     }
   }
-  double finish() { return in_prod ? total + std::log(prod) : total; }
-};
-
-MMOPS_AVX512 void small_row(const CEArgs<float>& a, int64_t i, __mmask16 k0, __mmask16 k1, __m512 ninf, __m512 rs,
-                            SmallRowsLoss& acc) {
-  const int64_t y = a.y[i];
-  const float* x = a.x + i * a.C;
-  float* g = a.grad ? a.grad + i * a.C : nullptr;
-  if (y == a.ignore_index) {
-    if (g) zero_small_row(g, k0, k1);
-    if (a.loss_rows) a.loss_rows[i] = 0;
-    return;
-  }
-  __m512 e0, e1;
-  float m, s;
-  const float x_y = x[y];  // read before the gradient store (which may overwrite x)
-  small_row_exp(x, k0, k1, ninf, e0, e1, m, s);
-  acc.add(i, m, s, x_y);
-  if (g) store_small_grad(g, y, e0, e1, s, a.rs, rs, k0, k1);
+  return total;
 }
 
-__attribute__((target("avx512f"))) double ce_small_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
+#ifdef MMOPS_X86
+// Short rows on AVX-512 (C <= 32: makemore's 27 characters), for the plain case (class-index targets, no
+// weight, no smoothing; the others take the generic blocks). A whole row sits in one or two zmm registers
+// filled by masked loads, so max, exp, sum and the gradient store take a handful of instructions and no
+// scalar remainder loop. Lanes past C load as -inf (they never win the max) and are zeroed after the exp
+// with maskz; nothing outside the row is read or written (masked lanes do not fault).
+//
+// Rows go in groups of 16: the per-row work (no call inside) first, then the losses, whose log is a libm
+// call: a call clobbers every zmm register, so none may sit between a row's exp and its gradient store.
+// For "mean"/"sum" the 16 rows share one log: sum_r log(s_r) = log(prod_r s_r), and with 1 <= s_r <= 32
+// (exp(0) = 1 at the max) the product stays below 2^80 in double; a NaN s propagates through it.
+constexpr int kShortRowGroup = 16;
+
+template <bool kTwoVectors>
+MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
   const __mmask16 k0 = C >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << C) - 1);
   const __mmask16 k1 = C > 16 ? __mmask16((1u << (C - 16)) - 1) : __mmask16(0);
-  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-  const __m512 rs = _mm512_set1_ps(a.rs);
-  SmallRowsLoss acc{a.loss_rows};
-  // Four rows at a time: one row is a chain of dependent steps (max reduction -> exp polynomial -> sum
-  // reduction) that leaves the FMA units idle; four independent chains in one block let the core overlap
-  // them. A group with an ignored row goes row by row.
-  constexpr int R = 4;
-  int64_t i = begin;
-  for (; i + R <= end; i += R) {
-    int64_t y[R];
-    bool ignored = false;
-    for (int r = 0; r < R; ++r) {
-      y[r] = a.y[i + r];
-      ignored |= y[r] == a.ignore_index;
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 grad_scale = _mm512_set1_ps(a.grad_scale);
+  float row_sum[kShortRowGroup], gap[kShortRowGroup];  // s and m - x_y per row of the group
+  double total = 0;
+  for (int64_t i0 = begin; i0 < end; i0 += kShortRowGroup) {
+    const int rows = static_cast<int>(std::min<int64_t>(kShortRowGroup, end - i0));
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r, y = a.y[i];
+      const float* x = a.x + i * C;
+      float* g = a.grad ? a.grad + i * C : nullptr;
+      if (y == a.ignore_index) {  // loss log(1) + 0 = 0, gradient row 0
+        row_sum[r] = 1.0f;
+        gap[r] = 0.0f;
+        if (g) {
+          _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
+          if (kTwoVectors) _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
+        }
+        continue;
+      }
+      const float x_y = x[y];  // read before the gradient store (which may overwrite x)
+      const __m512 x0 = _mm512_mask_loadu_ps(neg_inf, k0, x);
+      const __m512 x1 = kTwoVectors ? _mm512_mask_loadu_ps(neg_inf, k1, x + 16) : neg_inf;
+      const float m = _mm512_reduce_max_ps(kTwoVectors ? _mm512_max_ps(x0, x1) : x0);
+      const __m512 vm = _mm512_set1_ps(m);
+      // Padded lanes hold -inf - m = -inf: simd::exp clamps them to exp(-87) (a normal number) and selects 0
+      // through a compare, so no lane ever holds a subnormal; maskz makes them 0 even when m is -inf or NaN.
+      const __m512 e0 = _mm512_maskz_mov_ps(k0, simd::exp(_mm512_sub_ps(x0, vm)));
+      const __m512 e1 = kTwoVectors ? _mm512_maskz_mov_ps(k1, simd::exp(_mm512_sub_ps(x1, vm))) : _mm512_setzero_ps();
+      const float s = _mm512_reduce_add_ps(kTwoVectors ? _mm512_add_ps(e0, e1) : e0);
+      row_sum[r] = s;
+      gap[r] = m - x_y;
+      if (g) {  // r (e / s - onehot(y)): the one-hot subtraction in the register
+        const __m512 coef = _mm512_set1_ps(a.grad_scale / s);
+        const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
+        const __m512 p0 = _mm512_mul_ps(e0, coef);
+        _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, grad_scale));
+        if (kTwoVectors) {
+          const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
+          const __m512 p1 = _mm512_mul_ps(e1, coef);
+          _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, grad_scale));
+        }
+      }
     }
-    if (ignored) {
-      for (int r = 0; r < R; ++r) small_row(a, i + r, k0, k1, ninf, rs, acc);
-      continue;
+    if (a.loss_rows) {
+      for (int r = 0; r < rows; ++r) {
+        const float loss = std::log(row_sum[r]) + gap[r];
+        a.loss_rows[i0 + r] = loss;
+        total += loss;
+      }
+    } else {
+      double prod = 1;
+      for (int r = 0; r < rows; ++r) {
+        total += gap[r];
+        prod *= row_sum[r];
+      }
+      total += std::log(prod);
     }
-    __m512 e0[R], e1[R];
-    float m[R], s[R], x_y[R];
-    for (int r = 0; r < R; ++r) {  // inlined into one block: the four rows' chains are independent
-      const float* x = a.x + (i + r) * C;
-      x_y[r] = x[y[r]];
-      small_row_exp(x, k0, k1, ninf, e0[r], e1[r], m[r], s[r]);
-    }
-    for (int r = 0; r < R; ++r) acc.add(i + r, m[r], s[r], x_y[r]);
-    if (a.grad)
-      for (int r = 0; r < R; ++r) store_small_grad(a.grad + (i + r) * C, y[r], e0[r], e1[r], s[r], a.rs, rs, k0, k1);
   }
-  for (; i < end; ++i) small_row(a, i, k0, k1, ninf, rs, acc);
-  return acc.finish();
+  return total;
 }
 
-bool cpu_has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
+MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
+  return a.C > 16 ? ce_short_rows_avx512<true>(a, begin, end) : ce_short_rows_avx512<false>(a, begin, end);
+}
+
+// out[i, :] = g[i, :] * go[i * go_stride] with full vectors and one masked tail per row (no scalar loop).
+MMOPS_AVX512_TARGET void scale_rows_avx512(const float* g, float* out, int64_t rows, int64_t C, const float* go,
+                                           int64_t go_stride) {
+  const int64_t full = C / 16 * 16;
+  const __mmask16 tail = __mmask16((1u << (C - full)) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 scale = _mm512_set1_ps(go[i * go_stride]);
+    const float* gi = g + i * C;
+    float* oi = out + i * C;
+    for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(oi + j, _mm512_mul_ps(_mm512_loadu_ps(gi + j), scale));
+    if (tail) _mm512_mask_storeu_ps(oi + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, gi + full), scale));
+  }
 }
 #endif
 
 // Picks the instantiation for the options once per block of rows, not per row.
 template <typename T>
 MMOPS_INLINE double ce_rows(const CEArgs<T>& a, int64_t begin, int64_t end) {
-  // Scratch for the exp block when no gradient is written: on the stack unless one row is longer.
-  T stack_scratch[kBlockElements];
-  std::vector<T> heap_scratch;
-  T* scratch = stack_scratch;
-  if (a.grad == nullptr && a.C > kBlockElements) {
-    heap_scratch.resize(a.C);
-    scratch = heap_scratch.data();
+  const bool weight = a.w != nullptr, smooth = a.smoothing != 0, grad = a.grad != nullptr;
+  const bool long_rows = a.C >= kBlockElements;
+  T scratch[kBlockElements];  // the exp block of short rows when no gradient is written
+#define MMOPS_CE_CASE(W, S, G)                                                   \
+  if (weight == W && smooth == S && grad == G) {                                 \
+    if (long_rows)                                                               \
+      return a.t ? ce_prob_long_rows<T, W, S, G>(a, begin, end)                  \
+                 : ce_index_long_rows<T, W, S, G>(a, begin, end);                \
+    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch)                \
+               : ce_index_rows<T, W, S, G>(a, begin, end, scratch);              \
   }
-  const bool weight = a.w != nullptr, smooth = a.eps != 0, grad = a.grad != nullptr;
-#define MMOPS_CE_CASE(W, S, G)                                                        \
-  if (weight == W && smooth == S && grad == G)                                        \
-    return a.t ? ce_prob_rows<T, W, S, G>(a, begin, end, scratch)     \
-                 : ce_index_rows<T, W, S, G>(a, begin, end, scratch);
   MMOPS_CE_CASE(false, false, true)
   MMOPS_CE_CASE(false, false, false)
   MMOPS_CE_CASE(false, true, true)
@@ -377,13 +424,13 @@ MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int6
   return ce_rows<float>(a, begin, end);
 }
 double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
-double ce_rows_any(const CEArgs<float>& a, int64_t b, int64_t e) {
-#ifdef MMOPS_AVX512_SMALL_ROWS
-  if (a.C <= 32 && a.y && !a.w && a.eps == 0 && cpu_has_avx512()) return ce_small_rows_avx512(a, b, e);
+double ce_rows_on_this_cpu(const CEArgs<float>& a, int64_t b, int64_t e) {
+#ifdef MMOPS_X86
+  if (a.C <= 32 && a.y && !a.w && a.smoothing == 0 && simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
 #endif
   return ce_rows_f32(a, b, e);
 }
-double ce_rows_any(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
+double ce_rows_on_this_cpu(const CEArgs<double>& a, int64_t b, int64_t e) { return ce_rows_f64(a, b, e); }
 
 // out[i, :] = g[i, :] * go[i * go_stride] (out may be g).
 MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, int64_t C, const float* go,
@@ -394,18 +441,20 @@ MMOPS_SIMD_CLONES void scale_rows_f32(const float* g, float* out, int64_t rows, 
     for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * s;
   }
 }
-void scale_rows_any(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
+void scale_rows_on_this_cpu(const float* g, float* out, int64_t rows, int64_t C, const float* go, int64_t st) {
+#ifdef MMOPS_X86
+  if (simd::cpu_has_avx512()) return scale_rows_avx512(g, out, rows, C, go, st);
+#endif
   scale_rows_f32(g, out, rows, C, go, st);
 }
-void scale_rows_any(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
+void scale_rows_on_this_cpu(const double* g, double* out, int64_t rows, int64_t C, const double* go, int64_t st) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < C; ++j) out[i * C + j] = g[i * C + j] * go[i * st];
 }
 
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
-constexpr int64_t kGrainElements = 16384;  // below this a row block is not worth waking a thread for
 
-void check_common(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+void check_forward_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                   int64_t reduction, double label_smoothing) {
   TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -436,57 +485,97 @@ void check_common(const Tensor& input, const Tensor& target, const std::optional
   }
 }
 
+// The range check of every class-index target and the denominator of "mean" (the number of rows not
+// ignored, or the sum of their weights) in one vectorisable pass, before anything is written
+// (inplace_backward overwrites the logits, so a bad target must fail first). Returns the number of bad targets.
+template <bool kWeight, typename T>
+MMOPS_INLINE int64_t scan_targets(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index, const T* w,
+                                  double& denom) {
+  int64_t bad = 0;
+  double counted = 0;
+#pragma omp simd reduction(+ : bad, counted)
+  for (int64_t i = 0; i < N; ++i) {
+    const bool ignored = y[i] == ignore_index;
+    const bool in_range = static_cast<uint64_t>(y[i]) < static_cast<uint64_t>(C);
+    bad += !ignored && !in_range;
+    const double w_y = kWeight ? static_cast<double>(w[in_range ? y[i] : 0]) : 1.0;
+    counted += !ignored && in_range ? w_y : 0.0;
+  }
+  denom = counted;
+  return bad;
+}
+MMOPS_SIMD_CLONES int64_t scan_targets_unweighted(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index,
+                                                  double& denom) {
+  return scan_targets<false, float>(y, N, C, ignore_index, nullptr, denom);
+}
+template <typename T>
+int64_t scan_targets_any(const int64_t* y, int64_t N, int64_t C, int64_t ignore_index, const T* w, double& denom) {
+  return w ? scan_targets<true>(y, N, C, ignore_index, w, denom)
+           : scan_targets_unweighted(y, N, C, ignore_index, denom);
+}
+
 // Runs the fused forward; writes the gradient into `grad` (nullptr: no gradient). Returns the loss.
 Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& weight_in,
                        int64_t reduction, int64_t ignore_index, double label_smoothing, const Tensor* grad) {
   const int64_t N = x.size(0), C = x.size(1);
   const bool prob = at::isFloatingType(target_in.scalar_type());
-  const Tensor target = target_in.contiguous();
-  Tensor weight;
-  if (weight_in.has_value() && weight_in->defined()) weight = weight_in->to(x.scalar_type()).contiguous();
-  Tensor loss = reduction == kReductionNone ? at::empty({N}, x.options()) : at::empty({}, x.options());
+  const c10::MaybeOwned<Tensor> target = target_in.expect_contiguous();
+  // The Python layer passes the weight in the input's dtype, contiguous: no copy then.
+  Tensor weight_copy;
+  const Tensor* weight = nullptr;
+  if (weight_in.has_value() && weight_in->defined()) {
+    weight = &*weight_in;
+    if (weight->scalar_type() != x.scalar_type() || !weight->is_contiguous()) {
+      weight_copy = weight->to(x.scalar_type()).contiguous();
+      weight = &weight_copy;
+    }
+  }
+  Tensor loss = reduction == kReductionNone ? at::detail::empty_cpu({N}, x.scalar_type())
+                                            : at::detail::empty_cpu({}, x.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_cross_entropy_forward", [&] {
     CEArgs<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
     a.C = C;
     a.ignore_index = ignore_index;
-    a.eps = static_cast<scalar_t>(label_smoothing);
+    a.smoothing = static_cast<scalar_t>(label_smoothing);
     a.grad = grad ? grad->mutable_data_ptr<scalar_t>() : nullptr;
     a.loss_rows = reduction == kReductionNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-    if (weight.defined()) {
-      a.w = weight.const_data_ptr<scalar_t>();
-      a.W = static_cast<scalar_t>(simd::sum(a.w, C));
+    if (weight) {
+      a.w = weight->const_data_ptr<scalar_t>();
+      a.weight_sum = static_cast<scalar_t>(simd::sum(a.w, C));
     } else {
-      a.W = static_cast<scalar_t>(C);
+      a.weight_sum = static_cast<scalar_t>(C);
     }
-    // The denominator of "mean", and the range check of every target before anything is written
-    // (inplace_backward overwrites the logits, so a bad target must fail first).
     double denom = static_cast<double>(N);
     if (prob) {
-      a.t = target.const_data_ptr<scalar_t>();
+      a.t = target->const_data_ptr<scalar_t>();
     } else {
-      a.y = target.const_data_ptr<int64_t>();
-      denom = 0;
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t y = a.y[i];
-        if (y == ignore_index) continue;
-        TORCH_CHECK_INDEX(y >= 0 && y < C, "mmops.cross_entropy: target[", i, "] = ", y, " is out of range: "
-                          "expected 0 <= target < ", C, " (the number of classes) or target == ignore_index (",
-                          ignore_index, ")");
-        denom += a.w ? static_cast<double>(a.w[y]) : 1.0;
+      a.y = target->const_data_ptr<int64_t>();
+      if (scan_targets_any(a.y, N, C, ignore_index, a.w, denom) != 0) {
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t y = a.y[i];
+          TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < C), "mmops.cross_entropy: target[", i, "] = ", y,
+                            " is out of range: expected 0 <= target < ", C, " (the number of classes) or target == "
+                            "ignore_index (", ignore_index, ")");
+        }
       }
     }
-    a.rs = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
+    a.grad_scale = reduction == kReductionMean ? static_cast<scalar_t>(1.0 / denom) : scalar_t(1);
 
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / C);
-    std::vector<double> partial(std::max(1, at::get_num_threads()), 0.0);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      partial[at::get_thread_num()] += ce_rows_any(a, begin, end);
-    });
-    if (reduction != kReductionNone) {
-      double total = 0;
+    // Below a grain of work the rows run here: no parallel region, no per-thread partial sums.
+    const int64_t grain_rows = std::max<int64_t>(1, simd::kGrainElements / C);
+    double total = 0;
+    if (N <= grain_rows || at::get_num_threads() == 1 || at::in_parallel_region()) {
+      total = ce_rows_on_this_cpu(a, 0, N);
+    } else {
+      std::vector<double> partial(at::get_num_threads(), 0.0);
+      at::parallel_for(0, N, grain_rows, [&](int64_t begin, int64_t end) {
+        partial[at::get_thread_num()] += ce_rows_on_this_cpu(a, begin, end);
+      });
       for (double p : partial) total += p;
+    }
+    if (reduction != kReductionNone) {
       if (reduction == kReductionMean) total /= denom;  // all rows ignored: 0/0 = nan, as in PyTorch
       *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
     }
@@ -497,23 +586,25 @@ Tensor ce_forward_impl(const Tensor& x, const Tensor& target_in, const std::opti
 std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight, int64_t reduction,
                                                  int64_t ignore_index, double label_smoothing, bool compute_grad) {
-  check_common(input, target, weight, reduction, label_smoothing);
-  const Tensor x = input.contiguous();
-  Tensor grad = compute_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor loss = ce_forward_impl(x, target, weight, reduction, ignore_index, label_smoothing,
+  check_forward_args(input, target, weight, reduction, label_smoothing);
+  const c10::MaybeOwned<Tensor> x = input.expect_contiguous();
+  // at::detail::empty_cpu: these kernels are registered for the CPU only, so no dispatch is needed.
+  Tensor grad = compute_grad ? at::detail::empty_cpu(x->sizes(), x->scalar_type())
+                             : at::detail::empty_cpu({0}, x->scalar_type());
+  Tensor loss = ce_forward_impl(*x, target, weight, reduction, ignore_index, label_smoothing,
                                 compute_grad ? &grad : nullptr);
-  return {loss, grad};
+  return {std::move(loss), std::move(grad)};
 }
 
 // inplace_backward: the gradient overwrites the logits (saves one logits-sized buffer).
 Tensor cross_entropy_forward_inplace(Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  check_common(input, target, weight, reduction, label_smoothing);
+  check_forward_args(input, target, weight, reduction, label_smoothing);
   TORCH_CHECK_VALUE(input.is_contiguous(), "mmops.cross_entropy(inplace_backward=True): input must be contiguous");
   return ce_forward_impl(input, target, weight, reduction, ignore_index, label_smoothing, &input);
 }
 
-// Backward: grad_input = grad_output * (the saved rs * dloss/dx). grad_output is a scalar for mean/sum or
+// Backward: grad_input = grad_output * G (the saved r dloss/dx). grad_output is a scalar for mean/sum or
 // one value per row for "none". `out` may be `grad` (in place); a scalar 1 in place is a no-op.
 void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "mmops.cross_entropy backward: saved gradient must be "
@@ -522,21 +613,27 @@ void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
   TORCH_CHECK_VALUE(grad_output.numel() == 1 || (grad_output.dim() == 1 && grad_output.size(0) == N),
                     "mmops.cross_entropy backward: grad_output must be a scalar or of shape (", N, ",), got ",
                     grad_output.sizes());
+  const c10::MaybeOwned<Tensor> go = grad_output.scalar_type() == grad.scalar_type()
+                                         ? c10::MaybeOwned<Tensor>::borrowed(grad_output)
+                                         : c10::MaybeOwned<Tensor>::owned(grad_output.to(grad.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mmops_cross_entropy_scale_grad", [&] {
-    const Tensor go = grad_output.to(grad.scalar_type());
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* gp = go.const_data_ptr<scalar_t>();
-    const int64_t stride = go.numel() == 1 ? 0 : go.stride(0);
+    const scalar_t* gp = go->const_data_ptr<scalar_t>();
+    const int64_t stride = go->numel() == 1 ? 0 : go->stride(0);
     if (o == g && stride == 0 && *gp == scalar_t(1)) return;
-    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-      scale_rows_any(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
-    });
+    at::parallel_for(0, N, std::max<int64_t>(1, simd::kGrainElements / std::max<int64_t>(C, 1)),
+                     [&](int64_t b, int64_t e) {
+                       if (stride == 0)  // one scale for all: the rows are one flat run
+                         scale_rows_on_this_cpu(g + b * C, o + b * C, 1, (e - b) * C, gp, 0);
+                       else
+                         scale_rows_on_this_cpu(g + b * C, o + b * C, e - b, C, gp + b * stride, stride);
+                     });
   });
 }
 
 Tensor cross_entropy_backward(const Tensor& grad, const Tensor& grad_output) {
-  Tensor out = at::empty(grad.sizes(), grad.options());
+  Tensor out = at::detail::empty_cpu(grad.sizes(), grad.scalar_type());
   scale_grad(grad, grad_output, out);
   return out;
 }
