@@ -97,13 +97,16 @@ def test_module_matches_nn_rnn(size, dtype, nonlinearity, bias, batch_first, wit
         torch.testing.assert_close(a, b, **t)
 
 
-# Recurrences with B * H * H >= 16M run their float32 products on oneDNN (csrc/cpu/rnn.cpp: use_onednn), the
-# steps with W_hh packed once from T >= 3 (forward) / 4 (backward): these sizes take those paths, checked
-# against nn.RNN in float64.
+# Large products (B * H * H up to 42M multiply-adds per step) on each float32 backend (csrc/cpu/rnn.cpp:
+# choose_backend, forced with MMOPS_RNN_BACKEND): the AVX-512 kernels (the default from T = 2 on an AVX-512 CPU),
+# oneDNN per step (W_hh reordered once from 3 products on) and MKL; T = 1 checks the forced kernel on one step.
+# Against nn.RNN in float64. Without AVX-512 every backend falls back to MKL.
+@pytest.mark.parametrize("backend", ["kernel", "onednn", "mkl"])
 @pytest.mark.parametrize("size", [(2, 64, 64, 512), (5, 256, 300, 272), (1, 128, 512, 384)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens", [False, True])
-def test_large_products_match_float64(size, nonlinearity, tokens):
+def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, tokens):
+    monkeypatch.setenv("MMOPS_RNN_BACKEND", backend)
     T, B, I, H = size
     torch.manual_seed(0)
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=torch.float32)
@@ -123,11 +126,12 @@ def test_large_products_match_float64(size, nonlinearity, tokens):
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
 
 
-# float32 recurrences below oneDNN's size run on the hand-written AVX-512 kernels where the CPU has them
-# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue, and dW_hh / dW_ih as one pass over all rows);
-# MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. Both against nn.RNN in float64, at sizes with row
-# tails (B not a multiple of 8, B < 8), column tails (H not a multiple of 32, H < 32), more rows than one chunk
-# of the weight-gradient kernel (T * B > 256), T = 1, and with / without the gradient of hx.
+# float32 recurrences (T >= 2) run on the hand-written AVX-512 kernels where the CPU has them
+# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue; csrc/cpu/gemm_avx512.cpp: the input projection,
+# d_input, and dW_hh / dW_ih as one product over all rows); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step
+# loop. Both against nn.RNN in float64, at sizes with row tails (B not a multiple of 8, B < 8), column tails
+# (H not a multiple of 32, H < 32), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with /
+# without the gradient of hx.
 @pytest.mark.parametrize("path", ["step_kernel", "matmul_per_step"])
 @pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
                                   (9, 64, 40, 100)])
@@ -154,6 +158,91 @@ def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, toke
         results.append([out, h_n] + ([hi.grad] if hx_grad else []) + ([] if tokens else [xi.grad]) + _grads(m))
     for a, e in zip(results[1], results[0]):
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=1e-3, atol=1e-3)
+
+
+# ---- hostile values: saturation and NaN, as nn.RNN / nn.RNNCell treat them ----------------------------------------
+# An input of 1e30 saturates every unit it reaches: tanh is then exactly +-1, so 1 - h^2 = 0 and no gradient flows
+# through that unit (an approximation that stops just short of 1 gave 1 - h^2 ~ 1e-7 and weight gradients ~1e23).
+# A NaN input makes its unit NaN; relu's backward passes the gradient there (threshold_backward blocks only h <= 0),
+# tanh's makes it NaN. Every output and gradient must equal PyTorch's, NaN in the same places, on each path:
+# float32 with the AVX-512 step kernel (T >= 2, where the CPU has it), float32 matmul per step, float64.
+_PATHS = [(torch.float32, "step_kernel"), (torch.float32, "matmul_per_step"), (torch.float64, "matmul_per_step")]
+
+
+def _hostile_input(shape, kind, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    flat = x.view(-1)
+    positions = torch.randperm(flat.numel(), generator=g)[:3]
+    if kind == "huge":
+        flat[positions] = torch.tensor([1e30, -1e30, 1e30], dtype=dtype)
+    else:
+        flat[positions[:2]] = float("nan")
+    return x
+
+
+def _assert_same_values(ours, theirs, dtype, what):
+    # NaN positions equal (equal_nan); elsewhere float32 sums in another order: relative 1e-4, and an absolute
+    # slack that scales with the tensor's largest finite value (relu carries the 1e30 forward, and a sum of
+    # 1e29-sized terms that cancels has an absolute error far above 1e-5).
+    finite = theirs[torch.isfinite(theirs)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    atol = rtol * max(1.0, scale) * 0.1
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype, path", _PATHS)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("kind", ["huge", "nan"])
+def test_saturation_and_nan_match_nn_rnn(monkeypatch, dtype, path, nonlinearity, kind):
+    if path == "matmul_per_step":
+        monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    T, B, I, H = 6, 5, 4, 40  # H = 40: a full and a partial 32-column panel of the step kernel
+    torch.manual_seed(11)
+    ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=dtype)
+    x = _hostile_input((T, B, I), kind, dtype, seed=3)
+    h0 = torch.randn(1, B, H, dtype=dtype) * 0.5
+    go = torch.randn(T, B, H, dtype=dtype)
+    results = []
+    for m in (ref, ours):
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        out, h_n = m(xi, hi)
+        (out * go).sum().add(h_n.sum()).backward()
+        results.append([out, h_n, xi.grad, hi.grad] + _grads(m))
+    names = ["output", "h_n", "d_input", "d_hx", "d_weight_ih", "d_weight_hh", "d_bias_ih", "d_bias_hh"]
+    for name, a, e in zip(names, results[1], results[0]):
+        _assert_same_values(a.detach(), e.detach(), dtype, name)
+    if kind == "huge" and nonlinearity == "tanh":  # the saturated rows pass no gradient at all
+        assert torch.isfinite(results[1][4]).all() and results[1][4].abs().max() < 1e3
+
+
+# The cell (T = 1) runs on MKL by default; MMOPS_RNN_BACKEND=kernel forces the AVX-512 kernels onto one step.
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "default"), (torch.float32, "kernel"),
+                                         (torch.float32, "matmul_per_step"), (torch.float64, "default")])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("kind", ["huge", "nan"])
+def test_cell_saturation_and_nan_match_nn_rnncell(monkeypatch, dtype, path, nonlinearity, kind):
+    if path == "matmul_per_step":
+        monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    elif path == "kernel":
+        monkeypatch.setenv("MMOPS_RNN_BACKEND", "kernel")
+    B, I, H = 7, 4, 40
+    torch.manual_seed(12)
+    ref = torch.nn.RNNCell(I, H, nonlinearity=nonlinearity).to(dtype)
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    x = _hostile_input((B, I), kind, dtype, seed=4)
+    h = torch.randn(B, H, dtype=dtype)
+    go = torch.randn(B, H, dtype=dtype)
+    x1, h1, x2, h2 = (t.clone().requires_grad_() for t in (x, h, x, h))
+    ref(x1, h1).backward(go)
+    y2 = mmops.rnn_cell(x2, h2, *params, nonlinearity=nonlinearity)
+    y2.backward(go)
+    _assert_same_values(y2.detach(), ref(x, h).detach(), dtype, "h'")
+    for name, a, e in [("d_input", x2.grad, x1.grad), ("d_hx", h2.grad, h1.grad)] + [
+            (n, p.grad, q.grad) for n, p, q in zip(["d_weight_ih", "d_weight_hh", "d_bias_ih", "d_bias_hh"], params,
+                                                   ref.parameters())]:
+        _assert_same_values(a, e, dtype, name)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -2,48 +2,51 @@
 //
 // Forward, for t = 0 .. T-1 (x_t: (B, I), h_t: (B, H), act = tanh or relu):
 //   h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),    h_{-1} = hx
-// The input projection of all T steps is one (T*B, I) x (I, H) matmul (with b_ih + b_hh folded in), written
-// straight into the output buffer; each step then adds h_{t-1} W_hh^T in place (one small matmul) and applies
-// the activation in place. Token input (integer (T, B)) stands for one-hot rows of size I: x_t W_ih^T is then
-// column x_t of W_ih, i.e. a row gather of W_ih^T (no one-hot matrix exists).
+// The input projection of all T steps is one (T*B, I) x (I, H) product (with b_ih + b_hh folded in), written
+// into the output buffer; each step then adds h_{t-1} W_hh^T and applies the activation. Token input (integer
+// (T, B)) stands for one-hot rows of size I: x_t W_ih^T is then column x_t of W_ih, i.e. a row gather of W_ih^T
+// (no one-hot matrix exists).
 //
 // Backward (BPTT), with dout_t the gradient reaching h_t from outside (the output; h_n is output[T-1]):
-//   dpre_t   = (dpre_{t+1} W_hh + dout_t) * act'(h_t)        (dpre_T = 0; act' from the saved h_t:
-//                                                             1 - h^2 for tanh, [h > 0] for relu)
+//   dpre_t   = act_grad(dpre_{t+1} W_hh + dout_t, h_t)     dpre_T = 0; act_grad(g, h) = g * act'(y) read from
+//                                                          h = act(y): 1 - h^2 (tanh), [not h <= 0] (relu)
 //   dhx      = dpre_0 W_hh
-//   dW_hh    = sum_t dpre_t^T h_{t-1}   one (H, T*B) x (T*B, H) matmul after the loop
-//   dW_ih    = sum_t dpre_t^T x_t       one matmul (float input) or a scatter-add of dpre rows (tokens)
+//   dW_hh    = sum_t dpre_t^T h_{t-1}   one product over all T*B rows after the loop
+//   dW_ih    = sum_t dpre_t^T x_t       one product (float input) or a scatter-add of dpre rows (tokens)
 //   db       = sum_t sum_b dpre_t       (the same for b_ih and b_hh)
-//   dx_t     = dpre_t W_ih              one (T*B, H) x (H, I) matmul
-// Only the (B, H) x (H, H) matmul of the recurrence stays inside the loop, forward and backward: every
-// weight gradient is one large matmul over all steps, not T small ones.
-// The cell (nn.RNNCell) is the same kernel with T = 1.
+//   dx_t     = dpre_t W_ih              one (T*B, H) x (H, I) product
+// Only the (B, H) x (H, H) product of the recurrence stays inside the loop, forward and backward: every weight
+// gradient is one large product over all steps, not T small ones. The cell (nn.RNNCell) is the same op with T = 1.
+// act and act_grad are simd::activate / simd::act_grad on every path (one definition of tanh, relu, and of
+// relu's gradient at NaN).
 //
-// Who computes what (float32 on an AVX-512 CPU; the rest -- float64, other CPUs, MMOPS_NO_STEP_KERNEL=1 -- takes
-// at::mm / addmm, i.e. MKL, per step):
-//   recurrence, B*H*H < 16M and T >= 2   the step kernel of rnn_recurrence.cpp (product + epilogue, one OpenMP
-//                                        region for all steps)
-//   recurrence, B*H*H >= 16M             oneDNN per step, W_hh packed once (use_onednn)
-//   dW_hh, dW_ih (float input)           the weight-gradient kernel of rnn_recurrence.cpp (one pass over all rows)
-//   input projection, d_input (float)    with the step kernel: its micro-kernel, W_ih packed (rnn_packed_product);
-//                                        otherwise MKL or oneDNN
-//   d_hx                                 the step kernel's last pass when it ran; otherwise MKL or oneDNN
+// Every product of a call runs on one Backend, chosen once per call (choose_backend):
+//   kKernel  float32 on AVX-512, T >= 2 (the default there): the loop over time is the step kernel of
+//            rnn_recurrence.cpp (product and epilogue fused, one OpenMP region for all steps; d_hx from its last
+//            pass); the input projection and d_input are gemm_packed, the weight gradients gemm_tn
+//            (gemm_avx512.cpp).
+//   kMkl     everything else (float64, T = 1, CPUs without AVX-512): at::mm / addmm, one product per step.
+//   kOneDnn  on request only (MMOPS_RNN_BACKEND=onednn, for comparisons): each step one oneDNN product (W_hh
+//            reordered once) and an elementwise pass; the input projection, d_input, d_hx on oneDNN; the weight
+//            gradients gemm_tn (oneDNN would first copy the transposed operands).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
+#include "cpu/gemm_avx512.h"
 #include "cpu/rnn_recurrence.h"
 #include "cpu/simd.h"
 
@@ -56,59 +59,40 @@ using simd::kGrainElements;
 using simd::kRelu;
 using simd::kTanh;
 
-// ---- h = act(pre), elementwise (pre may be h itself) ------------------------------------------------------
-template <typename T, int kAct>
-MMOPS_INLINE void activate(T* h, const T* pre, int64_t n) {
+// ---- the elementwise passes of the per-step loop (kMkl, kOneDnn) -------------------------------------------------
+// h = act(pre) (pre may be h itself); g = act_grad(m + dout, h) (m may be g itself). Plain loops compiled per ISA
+// (MMOPS_SIMD_CLONES) for float; double for checking.
+template <typename T>
+MMOPS_INLINE void act_fwd_loop(int64_t act, T* h, const T* pre, int64_t n) {
+  simd::with_activation(act, [&](auto a) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) h[i] = simd::activate<kAct>(pre[i]);
+    for (int64_t i = 0; i < n; ++i) h[i] = simd::activate<decltype(a)::value>(pre[i]);
+  });
 }
-
-// ---- g = (m + dout) * act'(h), act' read from the activation's output h (m may be g itself) --------------
-template <typename T, int kAct>
-MMOPS_INLINE void add_times_act_grad(T* g, const T* m, const T* dout, const T* h, int64_t n) {
+template <typename T>
+MMOPS_INLINE void act_bwd_loop(int64_t act, T* g, const T* m, const T* dout, const T* h, int64_t n) {
+  simd::with_activation(act, [&](auto a) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    g[i] = simd::act_grad<kAct>(m[i] + dout[i], h[i]);
-  }
+    for (int64_t i = 0; i < n; ++i) g[i] = simd::act_grad<decltype(a)::value>(m[i] + dout[i], h[i]);
+  });
 }
-
-MMOPS_SIMD_CLONES void act_fwd(int64_t act, float* h, const float* pre, int64_t n) {
-  if (act == kTanh) activate<float, kTanh>(h, pre, n);
-  else activate<float, kRelu>(h, pre, n);
-}
-void act_fwd(int64_t act, double* h, const double* pre, int64_t n) {
-  if (act == kTanh) activate<double, kTanh>(h, pre, n);
-  else activate<double, kRelu>(h, pre, n);
-}
+MMOPS_SIMD_CLONES void act_fwd(int64_t act, float* h, const float* pre, int64_t n) { act_fwd_loop(act, h, pre, n); }
+void act_fwd(int64_t act, double* h, const double* pre, int64_t n) { act_fwd_loop(act, h, pre, n); }
 MMOPS_SIMD_CLONES void act_bwd(int64_t act, float* g, const float* m, const float* dout, const float* h, int64_t n) {
-  if (act == kTanh) add_times_act_grad<float, kTanh>(g, m, dout, h, n);
-  else add_times_act_grad<float, kRelu>(g, m, dout, h, n);
+  act_bwd_loop(act, g, m, dout, h, n);
 }
 void act_bwd(int64_t act, double* g, const double* m, const double* dout, const double* h, int64_t n) {
-  if (act == kTanh) add_times_act_grad<double, kTanh>(g, m, dout, h, n);
-  else add_times_act_grad<double, kRelu>(g, m, dout, h, n);
+  act_bwd_loop(act, g, m, dout, h, n);
 }
 
-// ---- matmuls: oneDNN where torch was built with it, for float32 recurrences big enough to repay it -------
-// On the AMD EPYC (Zen 5, AVX-512) machines this project is measured on, MKL's sgemm takes its generic AVX2
-// path ("mkl_blas_def_sgemm_kernel_0_zen"); oneDNN's JIT kernels use AVX-512 by CPU feature, and measured
-// 1.4-2.3x faster on these shapes alone (128x512 @ 512x512 427 -> 186 us, 8192x128 @ 128x512 6.35 -> 2.75 ms;
-// 2 threads). torch registers them as mkldnn::_linear_pointwise(X, W, B?, "none", ...) = X W^T (+ B) and
-// .binary(X, other, W, B?, "add") = X W^T + other. The choice is made once per call for all its products: at
-// (T35, B32, H256) even the one big product (dW_hh, 1120 rows) through oneDNN made the whole fwd+bwd slower
-// (4.4 -> 5.0 ms, measured interleaved), so oneDNN is used only where the per-step (B, H) x (H, H) product has
-// at least kOneDnnMinStepMacs multiply-adds (T64 B128 H512: 34M, fwd+bwd 1.08x -> 1.7x of nn.RNN). float64,
-// smaller recurrences, and MMOPS_NO_ONEDNN=1 use at::mm (MKL).
-constexpr int64_t kOneDnnMinStepMacs = int64_t(16) << 20;
-
+// ---- oneDNN, through the ops torch registers: mkldnn::_linear_pointwise(X, W, B?, "none", ...) = X W^T (+ B) and
+// .binary(X, other, W, B?, "add") = X W^T + other; W may be reordered once into oneDNN's blocked layout.
 struct OneDnn {
   std::optional<c10::OperatorHandle> linear, linear_add, reorder;
 };
 const OneDnn& onednn() {
   static const OneDnn ops = [] {
     OneDnn o;
-    const char* off = std::getenv("MMOPS_NO_ONEDNN");
-    if (off && std::string(off) == "1") return o;
     auto& dispatcher = c10::Dispatcher::singleton();
     o.linear = dispatcher.findOp({"mkldnn::_linear_pointwise", ""});
     o.linear_add = dispatcher.findOp({"mkldnn::_linear_pointwise", "binary"});
@@ -119,61 +103,126 @@ const OneDnn& onednn() {
   return ops;
 }
 
-// Whether a recurrence with this batch, hidden size and dtype runs its products on oneDNN.
-bool use_onednn(at::ScalarType dtype, int64_t B, int64_t H) {
-  return dtype == at::kFloat && onednn().linear && B * H * H >= kOneDnnMinStepMacs;
-}
-
 Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
   op.callBoxed(&stack);
   return stack.at(0).toTensor();
 }
 
-// x (M, K) @ w^T for w (N, K), any strides; plus `other` (M, N) when given; w may be a packed_weight (dnn).
-Tensor linear_nt(bool dnn, const Tensor& x, const Tensor& w, const Tensor* other = nullptr) {
-  if (!dnn) return other ? at::addmm(*other, x, w.t()) : at::mm(x, w.t());
-  if (other) return call_boxed(*onednn().linear_add, {x, *other, w, c10::IValue(), std::string("add")});
-  return call_boxed(*onednn().linear, {x, w, c10::IValue(), std::string("none"),
-                                       c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
-}
-
-// x (M, K) @ w^T + bias (N,) for the input projection.
-Tensor linear_nt_bias(bool dnn, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
-  if (!dnn) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+// x (M, K) W^T (+ bias) for W (N, K) (any strides, or reordered by onednn_reorder).
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias = std::nullopt) {
   return call_boxed(*onednn().linear, {x, w, bias ? c10::IValue(bias->contiguous()) : c10::IValue(),
                                        std::string("none"), c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
 }
-
-// w (N, K) repacked once into oneDNN's blocked layout for the T products of a recurrence with a (batch, K) left
-// side.
-Tensor packed_weight(const Tensor& w, const Tensor& like_x) {
-  return call_boxed(*onednn().reorder, {w.contiguous(), c10::IValue(like_x.size(0))});
+// x (M, K) W^T + other (M, N).
+Tensor onednn_linear_add(const Tensor& x, const Tensor& w, const Tensor& other) {
+  return call_boxed(*onednn().linear_add, {x, other, w, c10::IValue(), std::string("add")});
+}
+// W (N, K) reordered once for the products of a recurrence whose left side has `rows` rows.
+Tensor onednn_reorder(const Tensor& w, int64_t rows) {
+  return call_boxed(*onednn().reorder, {w.contiguous(), c10::IValue(rows)});
 }
 
-// ---- float32 on AVX-512: the hand-written kernels of rnn_recurrence.cpp ----------------------------------------
-// The step kernel (recurrences below oneDNN's size): one OpenMP region for the whole loop over time, W_hh packed
-// once per call, the epilogue fused into the product. The weight-gradient kernel (every float32 size): dW_hh and
-// dW_ih as one pass over the rows of dpre and h / x in place; through MKL or oneDNN these are products of
-// transposed operands, which oneDNN first copies (at T64 B128 H512: 7 copies of 2 ms per fwd+bwd).
-// MMOPS_NO_STEP_KERNEL=1 turns both off (read per call, so a benchmark can compare both in one process).
-bool use_avx512_kernels(at::ScalarType dtype) {
-  if (dtype != at::kFloat || !cpu::rnn_recurrence_available()) return false;
-  const char* off = std::getenv("MMOPS_NO_STEP_KERNEL");
-  return !(off && std::string(off) == "1");
-}
-// From two steps on: packing W_hh costs more than one step gains (the cell, T = 1: 290 vs 273 us fwd+bwd at B32
-// H256; T = 2: 360 vs 410 us; measured interleaved).
-bool use_step_kernel(bool avx512_kernels, bool dnn, int64_t T) { return avx512_kernels && !dnn && T >= 2; }
+// ---- the backend ------------------------------------------------------------------------------------------------
+enum class Backend { kMkl, kOneDnn, kKernel };
 
-// B = w (transpose false) or w^T (true), w a (rows, cols) matrix, packed into the kernels' 32-column panels.
-Tensor kernel_panels(const Tensor& w, bool transpose) {
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::string(v) == value;
+}
+
+// float32 on an AVX-512 CPU takes the kernels from two steps on, at every size and on every vendor's CPU: per
+// product shape of the RNN they run at 70-97% of the CPU's measured FMA peak, level with or ahead of oneDNN and
+// MKL, and the step kernel saves each step's library call, elementwise pass and fork/join (bench/results/rnn.md,
+// which also gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). One step (the
+// cell) stays on MKL: packing W_hh costs about as much as the step. Read per call, so that a benchmark can
+// compare the backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN
+// where torch has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
+Backend choose_backend(at::ScalarType dtype, int64_t T) {
+  if (dtype != at::kFloat || !simd::cpu_has_avx512()) return Backend::kMkl;  // the kernels are AVX-512 code
+  if (env_is("MMOPS_RNN_BACKEND", "mkl") || env_is("MMOPS_NO_STEP_KERNEL", "1")) return Backend::kMkl;
+  if (env_is("MMOPS_RNN_BACKEND", "onednn")) return onednn().linear ? Backend::kOneDnn : Backend::kMkl;
+  if (env_is("MMOPS_RNN_BACKEND", "kernel")) return Backend::kKernel;
+  return T >= 2 ? Backend::kKernel : Backend::kMkl;
+}
+
+// W (rows, cols) packed for gemm_packed / the step kernel: as B = W^T (transpose) or B = W.
+Tensor packed(const Tensor& w, bool transpose) {
   const Tensor wc = w.contiguous();
   const int64_t rows = wc.size(0), cols = wc.size(1);
-  const int64_t K = transpose ? cols : rows, N = transpose ? rows : cols;  // B (K, N); B(k, n) = w[k][n] or w[n][k]
-  Tensor packed = at::empty({cpu::rnn_packed_floats(K, N)}, w.options());
-  cpu::rnn_pack_panels(wc.const_data_ptr<float>(), K, N, transpose ? 1 : cols, transpose ? cols : 1,
-                       packed.mutable_data_ptr<float>(), at::get_num_threads());
-  return packed;
+  const int64_t K = transpose ? cols : rows, N = transpose ? rows : cols;
+  Tensor out = at::empty({cpu::packed_floats(K, N)}, w.options());
+  cpu::pack_panels(wc.const_data_ptr<float>(), K, N, transpose ? 1 : cols, transpose ? cols : 1,
+                   out.mutable_data_ptr<float>(), at::get_num_threads());
+  return out;
+}
+
+// x (M, K) W^T + bias for W (N, K): the input projection. A fresh contiguous (M, N) tensor.
+Tensor times_transposed(Backend b, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  if (b == Backend::kMkl) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  if (b == Backend::kOneDnn) return onednn_linear(x, w, bias);
+  const int64_t M = x.size(0), N = w.size(0);
+  const Tensor xc = x.contiguous(), bias_c = bias ? bias->contiguous() : Tensor();
+  Tensor c = at::empty({M, N}, x.options());
+  cpu::gemm_packed(xc.const_data_ptr<float>(), M, xc.size(1), xc.size(1), packed(w, true).const_data_ptr<float>(),
+                   N, bias ? bias_c.const_data_ptr<float>() : nullptr, c.mutable_data_ptr<float>(),
+                   at::get_num_threads());
+  return c;
+}
+
+// a (M, K) W for W (K, N): d_input = dpre W_ih, d_hx = dpre_0 W_hh.
+Tensor times(Backend b, const Tensor& a, const Tensor& w) {
+  if (b == Backend::kMkl) return at::mm(a, w);
+  if (b == Backend::kOneDnn) return onednn_linear(a, w.t());
+  const int64_t M = a.size(0), N = w.size(1);
+  const Tensor ac = a.contiguous();
+  Tensor c = at::empty({M, N}, a.options());
+  cpu::gemm_packed(ac.const_data_ptr<float>(), M, ac.size(1), ac.size(1), packed(w, false).const_data_ptr<float>(),
+                   N, nullptr, c.mutable_data_ptr<float>(), at::get_num_threads());
+  return c;
+}
+
+// sum_s G_s^T P_s over row-aligned pairs (G_s (rows, M), P_s (rows, N), unit column stride): the weight
+// gradients, one product over all steps' rows.
+struct RowPair {
+  Tensor g, p;
+};
+Tensor sum_transposed_products(Backend b, const std::vector<RowPair>& pairs, int64_t M, int64_t N) {
+  if (b == Backend::kMkl) {
+    Tensor c = at::mm(pairs[0].g.t(), pairs[0].p);
+    for (size_t s = 1; s < pairs.size(); ++s) c.addmm_(pairs[s].g.t(), pairs[s].p);
+    return c;
+  }
+  std::vector<cpu::RowSegment> segs;
+  for (const RowPair& rp : pairs)
+    segs.push_back({rp.g.const_data_ptr<float>(), rp.g.stride(0), rp.p.const_data_ptr<float>(), rp.p.stride(0),
+                    rp.g.size(0)});
+  Tensor c = at::empty({M, N}, pairs[0].g.options());
+  cpu::gemm_tn(segs.data(), int(segs.size()), M, N, c.mutable_data_ptr<float>(), at::get_num_threads());
+  return c;
+}
+
+// The product of each step in the per-step loop (kMkl, kOneDnn): a (B, K) W_kn for a fixed W_kn (K, N), the
+// weight prepared once (oneDNN: reordered when at least 3 products share it).
+class StepProduct {
+ public:
+  StepProduct(Backend b, const Tensor& w_kn, int64_t rows, int64_t products)
+      : b_(b), w_(b == Backend::kMkl ? w_kn : products >= 3 ? onednn_reorder(w_kn.t(), rows) : w_kn.t()) {}
+  // a W_kn + y when accumulate, a W_kn otherwise: into y (MKL) or a fresh block (oneDNN); returns the result.
+  Tensor operator()(const Tensor& a, Tensor& y, bool accumulate) const {
+    if (b_ == Backend::kOneDnn) return accumulate ? onednn_linear_add(a, w_, y) : onednn_linear(a, w_);
+    if (accumulate) return y.addmm_(a, w_);
+    return at::mm_out(y, a, w_);
+  }
+
+ private:
+  Backend b_;
+  Tensor w_;  // kMkl: W_kn; kOneDnn: W_kn^T (N, K), maybe reordered
+};
+
+// Elementwise passes over one step's (B, H) block: split across threads only when it is large.
+template <typename F>
+void for_blocks(int64_t n, F&& body) {
+  at::parallel_for(0, n, kGrainElements, [&](int64_t i0, int64_t i1) { body(i0, i1); });
 }
 
 // ---- token input: out[j] = W_ih^T[tok[j]] + bias (forward); dW_ih^T[tok[j]] += dpre[j] (backward) --------
@@ -200,12 +249,6 @@ void scatter_add_rows(const int64_t* tok, const T* dpre, T* dw_t, int64_t H, int
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) w[c] += g[c];
   }
-}
-
-// Elementwise passes over one step's (B, H) block: split across threads only when it is large.
-template <typename F>
-void for_blocks(int64_t n, F&& body) {
-  at::parallel_for(0, n, kGrainElements, [&](int64_t i0, int64_t i1) { body(i0, i1); });
 }
 
 bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
@@ -269,68 +312,50 @@ Tensor checked_tokens(const Tensor& input, int64_t I, const char* fn) {
 Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act) {
   const Dims d = check_args(input, hx, w_ih, w_hh, b_ih, b_hh, act, "mmops.rnn");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the matmuls below are internal: no autograd
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the products below are internal: no autograd
   const int64_t TB = d.T * d.B;
-  Tensor out = at::empty({d.T, d.B, d.H}, w_ih.options());
-  if (TB == 0 || d.H == 0) return out;
-  const bool dnn = use_onednn(w_ih.scalar_type(), d.B, d.H);
-  const bool step_kernel = use_step_kernel(use_avx512_kernels(w_ih.scalar_type()), dnn, d.T);
+  if (TB == 0 || d.H == 0) return at::empty({d.T, d.B, d.H}, w_ih.options());
+  const Backend backend = choose_backend(w_ih.scalar_type(), d.T);
   std::optional<Tensor> bias;  // b_ih + b_hh, added once with the input projection
   if (has(b_ih) && has(b_hh)) bias = at::add(*b_ih, *b_hh);
   else if (has(b_ih)) bias = *b_ih;
   else if (has(b_hh)) bias = *b_hh;
 
-  // 1. input projection of every step, into the output buffer
+  // 1. out[t] = x_t W_ih^T + b for every step
+  Tensor out;
   if (!d.tokens) {
-    const Tensor x2d = input.contiguous().view({TB, d.I});
-    if (step_kernel) {
-      const Tensor bias_c = bias ? bias->contiguous() : Tensor();
-      cpu::rnn_packed_product(x2d.const_data_ptr<float>(), TB, d.I, d.I,
-                              kernel_panels(w_ih, /*transpose=*/true).const_data_ptr<float>(), d.H,
-                              bias ? bias_c.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
-                              at::get_num_threads());
-    } else {
-      out = linear_nt_bias(dnn, x2d, w_ih, bias).view({d.T, d.B, d.H});  // a fresh contiguous (T*B, H) buffer
-    }
+    out = times_transposed(backend, input.contiguous().view({TB, d.I}), w_ih, bias).view({d.T, d.B, d.H});
   } else {
+    out = at::empty({d.T, d.B, d.H}, w_ih.options());
     const Tensor tok = checked_tokens(input, d.I, "mmops.rnn");
     const Tensor w_t = w_ih.t().contiguous();  // (I, H): token k's projection is row k
+    const Tensor bias_c = bias ? bias->contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_gather", [&] {
-      using T = scalar_t;
       const int64_t* tp = tok.const_data_ptr<int64_t>();
-      const T* wp = w_t.const_data_ptr<T>();
-      const Tensor bias_c = bias ? bias->contiguous() : Tensor();
-      const T* bp = bias ? bias_c.const_data_ptr<T>() : nullptr;
-      T* op = out.mutable_data_ptr<T>();
-      const int64_t H = d.H;
-      at::parallel_for(0, TB, std::max<int64_t>(1, kGrainElements / H),
-                       [&](int64_t j0, int64_t j1) { gather_rows(tp, wp, bp, op, H, j0, j1); });
+      const scalar_t* wp = w_t.const_data_ptr<scalar_t>();
+      const scalar_t* bp = bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, TB, std::max<int64_t>(1, kGrainElements / d.H),
+                       [&](int64_t j0, int64_t j1) { gather_rows(tp, wp, bp, op, d.H, j0, j1); });
     });
   }
 
-  // 2. the recurrence: h_t = act(proj_t + h_{t-1} W_hh^T) into out[t]: with MKL the matmul adds in place and the
-  // activation runs in place; with oneDNN (W_hh packed once, from 3 steps on) the matmul + proj_t lands in a
-  // fresh (B, H) block and the activation writes out[t] from it.
+  // 2. out[t] = act(out[t] + h_{t-1} W_hh^T)
   const Tensor h0 = hx.contiguous();
-  if (step_kernel) {
-    const Tensor packed = kernel_panels(w_hh, /*transpose=*/true);
+  if (backend == Backend::kKernel) {
     cpu::rnn_recurrence_forward(out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
-                                packed.const_data_ptr<float>(), d.T, d.B, d.H, act, at::get_num_threads());
+                                packed(w_hh, /*transpose=*/true).const_data_ptr<float>(), d.T, d.B, d.H, act,
+                                at::get_num_threads());
     return out;
   }
-  const Tensor w_step = dnn ? (d.T >= 3 ? packed_weight(w_hh, h0) : w_hh) : w_hh.t();
+  const StepProduct step(backend, w_hh.t(), d.B, d.T);
   AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_forward", [&] {
-    using T = scalar_t;
-    const int64_t BH = d.B * d.H;
     for (int64_t t = 0; t < d.T; ++t) {
       Tensor ht = out.select(0, t);
-      const Tensor h_prev = t == 0 ? h0 : out.select(0, t - 1);
-      Tensor pre = ht;
-      if (dnn) pre = linear_nt(dnn, h_prev, w_step, &ht);
-      else ht.addmm_(h_prev, w_step);
-      T* hp = ht.mutable_data_ptr<T>();
-      const T* pp = pre.const_data_ptr<T>();
-      for_blocks(BH, [&](int64_t i0, int64_t i1) { act_fwd(act, hp + i0, pp + i0, i1 - i0); });
+      const Tensor pre = step(t == 0 ? h0 : out.select(0, t - 1), ht, /*accumulate=*/true);
+      scalar_t* hp = ht.mutable_data_ptr<scalar_t>();
+      const scalar_t* pp = pre.const_data_ptr<scalar_t>();
+      for_blocks(d.B * d.H, [&](int64_t i0, int64_t i1) { act_fwd(act, hp + i0, pp + i0, i1 - i0); });
     }
   });
   return out;
@@ -346,103 +371,72 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
                     output.size(1) == d.B && output.size(2) == d.H, "mmops.rnn backward: grad_output ",
                     grad_output.sizes(), " and output ", output.sizes(), " must be (T, B, hidden_size)");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto [need_input, need_hx, need_w_ih, need_w_hh, need_bias] = output_mask;
   const int64_t TB = d.T * d.B, H = d.H, BH = d.B * d.H;
   auto empty0 = [&] { return at::empty({0}, w_ih.options()); };
   Tensor d_input = empty0(), d_hx = empty0(), d_w_ih = empty0(), d_w_hh = empty0(), d_b = empty0();
-  const bool tokens_need_nothing = d.tokens;  // token ids have no gradient
   if (TB == 0 || H == 0) {
-    if (output_mask[0] && !tokens_need_nothing) d_input = at::zeros(input.sizes(), w_ih.options());
-    if (output_mask[1]) d_hx = at::zeros(hx.sizes(), hx.options());
-    if (output_mask[2]) d_w_ih = at::zeros(w_ih.sizes(), w_ih.options());
-    if (output_mask[3]) d_w_hh = at::zeros(w_hh.sizes(), w_hh.options());
-    if (output_mask[4]) d_b = at::zeros({H}, w_ih.options());
+    if (need_input && !d.tokens) d_input = at::zeros(input.sizes(), w_ih.options());
+    if (need_hx) d_hx = at::zeros(hx.sizes(), hx.options());
+    if (need_w_ih) d_w_ih = at::zeros(w_ih.sizes(), w_ih.options());
+    if (need_w_hh) d_w_hh = at::zeros(w_hh.sizes(), w_hh.options());
+    if (need_bias) d_b = at::zeros({H}, w_ih.options());
     return {d_input, d_hx, d_w_ih, d_w_hh, d_b};
   }
+  const Backend backend = choose_backend(w_ih.scalar_type(), d.T);
   const Tensor h = output.contiguous();
   const Tensor dout = grad_output.contiguous();
-  Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
-  // dpre_{t+1} W_hh = dpre_{t+1} (W_hh^T)^T: with oneDNN, W_hh^T packed once for all steps (from 4 steps on).
-  const bool dnn = use_onednn(w_ih.scalar_type(), d.B, H);
-  const bool grad_kernel = use_avx512_kernels(w_ih.scalar_type());  // dW_hh, dW_ih: any float32 size
-  const bool step_kernel = use_step_kernel(grad_kernel, dnn, d.T);
-  const Tensor w_step = step_kernel ? kernel_panels(w_hh, /*transpose=*/false)
-                        : dnn ? (d.T >= 4 ? packed_weight(w_hh.t(), dpre.select(0, 0)) : w_hh.t()) : w_hh;
-
-  if (step_kernel) {
-    if (output_mask[1]) d_hx = at::empty({d.B, H}, w_ih.options());
-    cpu::rnn_recurrence_backward(dpre.mutable_data_ptr<float>(), dout.const_data_ptr<float>(),
-                                 h.const_data_ptr<float>(), w_step.const_data_ptr<float>(),
-                                 output_mask[1] ? d_hx.mutable_data_ptr<float>() : nullptr, d.T, d.B, H, act,
-                                 at::get_num_threads());
-  } else AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_backward", [&] {
-    using T = scalar_t;
-    // dpre_{T-1} = dout_{T-1} * act'(h_{T-1}); then dpre_t = (dpre_{t+1} W_hh + dout_t) * act'(h_t), the add
-    // and act' applied in one pass over the matmul's result (MKL writes it into dpre_t, oneDNN into a fresh
-    // (B, H) block).
-    for (int64_t t = d.T - 1; t >= 0; --t) {
-      Tensor gt = dpre.select(0, t);
-      T* g = gt.mutable_data_ptr<T>();
-      Tensor m = gt;
-      if (t == d.T - 1) std::fill(g, g + BH, T(0));
-      else if (dnn) m = linear_nt(dnn, dpre.select(0, t + 1), w_step);
-      else at::mm_out(gt, dpre.select(0, t + 1), w_hh);
-      const T* mp = m.const_data_ptr<T>();
-      const T* go = dout.const_data_ptr<T>() + t * BH;
-      const T* hp = h.const_data_ptr<T>() + t * BH;
-      for_blocks(BH, [&](int64_t i0, int64_t i1) { act_bwd(act, g + i0, mp + i0, go + i0, hp + i0, i1 - i0); });
-    }
-  });
-
-  const Tensor dpre2d = dpre.view({TB, H});
   const Tensor h0 = hx.contiguous();
-  if (output_mask[1] && !step_kernel) d_hx = linear_nt(dnn, dpre.select(0, 0), w_hh.t());
-  if (output_mask[3] && grad_kernel) {
-    // dW_hh = sum_t dpre_t^T h_{t-1}: step 0's rows against hx, steps 1.. against output[:-1], one pass
-    d_w_hh = at::empty({H, H}, w_ih.options());
-    const float* gp = dpre.const_data_ptr<float>();
-    const cpu::RowSegment segs[2] = {{gp, H, h0.const_data_ptr<float>(), H, d.B},
-                                     {gp + BH, H, h.const_data_ptr<float>(), H, (d.T - 1) * d.B}};
-    cpu::rnn_weight_grad(segs, 2, H, H, d_w_hh.mutable_data_ptr<float>(), at::get_num_threads());
-  } else if (output_mask[3]) {
-    // dW_hh = sum_t dpre_t^T h_{t-1}: steps 1.. in one matmul against output[:-1], plus step 0 against hx
-    if (d.T > 1) {
-      const int64_t rows = (d.T - 1) * d.B;
-      const Tensor rest = linear_nt(dnn, dpre.narrow(0, 1, d.T - 1).reshape({rows, H}).t(),
-                                    h.narrow(0, 0, d.T - 1).reshape({rows, H}).t());
-      d_w_hh = linear_nt(dnn, dpre.select(0, 0).t(), h0.t(), &rest);
-    } else {
-      d_w_hh = linear_nt(dnn, dpre.select(0, 0).t(), h0.t());
-    }
+
+  // 1. dpre_t = act_grad(dpre_{t+1} W_hh + dout_t, h_t), t = T-1 .. 0
+  Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
+  if (backend == Backend::kKernel) {
+    if (need_hx) d_hx = at::empty({d.B, H}, w_ih.options());
+    cpu::rnn_recurrence_backward(dpre.mutable_data_ptr<float>(), dout.const_data_ptr<float>(),
+                                 h.const_data_ptr<float>(), packed(w_hh, /*transpose=*/false).const_data_ptr<float>(),
+                                 need_hx ? d_hx.mutable_data_ptr<float>() : nullptr, d.T, d.B, H, act,
+                                 at::get_num_threads());
+  } else {
+    const StepProduct step(backend, w_hh, d.B, d.T - 1);
+    AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_backward", [&] {
+      for (int64_t t = d.T - 1; t >= 0; --t) {
+        Tensor gt = dpre.select(0, t);
+        scalar_t* g = gt.mutable_data_ptr<scalar_t>();
+        Tensor m = gt;  // dpre_{t+1} W_hh, 0 at the last step
+        if (t == d.T - 1) std::fill(g, g + BH, scalar_t(0));
+        else m = step(dpre.select(0, t + 1), gt, /*accumulate=*/false);
+        const scalar_t* mp = m.const_data_ptr<scalar_t>();
+        const scalar_t* go = dout.const_data_ptr<scalar_t>() + t * BH;
+        const scalar_t* hp = h.const_data_ptr<scalar_t>() + t * BH;
+        for_blocks(BH, [&](int64_t i0, int64_t i1) { act_bwd(act, g + i0, mp + i0, go + i0, hp + i0, i1 - i0); });
+      }
+    });
+    // 2. dhx = dpre_0 W_hh (the step kernel computed it in its last pass)
+    if (need_hx) d_hx = times(backend, dpre.select(0, 0), w_hh);
   }
-  if (output_mask[4]) d_b = at::sum(dpre2d, 0);
+
+  // 3. the weight and bias gradients, each one product over all steps
+  const Tensor dpre2d = dpre.view({TB, H});
+  if (need_w_hh) {  // dW_hh = dpre_0^T hx + sum_{t >= 1} dpre_t^T h_{t-1}
+    std::vector<RowPair> pairs{{dpre.select(0, 0), h0}};
+    if (d.T > 1) pairs.push_back({dpre2d.narrow(0, d.B, TB - d.B), h.view({TB, H}).narrow(0, 0, TB - d.B)});
+    d_w_hh = sum_transposed_products(backend, pairs, H, H);
+  }
+  if (need_bias) d_b = at::sum(dpre2d, 0);
   if (!d.tokens) {
     const Tensor x2d = input.contiguous().view({TB, d.I});
-    if (output_mask[0] && step_kernel) {  // d_input = dpre W_ih
-      d_input = at::empty({d.T, d.B, d.I}, w_ih.options());
-      cpu::rnn_packed_product(dpre.const_data_ptr<float>(), TB, H, H,
-                              kernel_panels(w_ih, /*transpose=*/false).const_data_ptr<float>(), d.I, nullptr,
-                              d_input.mutable_data_ptr<float>(), at::get_num_threads());
-    } else if (output_mask[0]) {
-      d_input = linear_nt(dnn, dpre2d, w_ih.t()).view({d.T, d.B, d.I});
-    }
-    if (output_mask[2] && grad_kernel) {  // dW_ih = sum_t dpre_t^T x_t, one pass
-      d_w_ih = at::empty({H, d.I}, w_ih.options());
-      const cpu::RowSegment seg{dpre.const_data_ptr<float>(), H, x2d.const_data_ptr<float>(), d.I, TB};
-      cpu::rnn_weight_grad(&seg, 1, H, d.I, d_w_ih.mutable_data_ptr<float>(), at::get_num_threads());
-    } else if (output_mask[2]) {
-      d_w_ih = linear_nt(dnn, dpre2d.t(), x2d.t());
-    }
-  } else if (output_mask[2]) {
+    if (need_input) d_input = times(backend, dpre2d, w_ih).view({d.T, d.B, d.I});  // dx = dpre W_ih
+    if (need_w_ih) d_w_ih = sum_transposed_products(backend, {{dpre2d, x2d}}, H, d.I);  // sum_t dpre_t^T x_t
+  } else if (need_w_ih) {
     // dW_ih[:, k] = sum of the dpre rows whose token is k: a scatter-add into dW_ih^T (I, H), threads split
     // the H columns so that no two write the same element.
     const Tensor tok = checked_tokens(input, d.I, "mmops.rnn backward");
     Tensor dw_t = at::zeros({d.I, H}, w_ih.options());
     AT_DISPATCH_FLOATING_TYPES(w_ih.scalar_type(), "mmops_rnn_scatter", [&] {
-      using T = scalar_t;
       const int64_t* tp = tok.const_data_ptr<int64_t>();
-      const T* gp = dpre.const_data_ptr<T>();
-      T* wp = dw_t.mutable_data_ptr<T>();
-      const int64_t col_grain = std::max<int64_t>(16, kGrainElements / std::max<int64_t>(TB, 1));
+      const scalar_t* gp = dpre.const_data_ptr<scalar_t>();
+      scalar_t* wp = dw_t.mutable_data_ptr<scalar_t>();
+      const int64_t col_grain = std::max<int64_t>(16, kGrainElements / TB);
       at::parallel_for(0, H, col_grain, [&](int64_t c0, int64_t c1) { scatter_add_rows(tp, gp, wp, H, TB, c0, c1); });
     });
     d_w_ih = dw_t.t().contiguous();
