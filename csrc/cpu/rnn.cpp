@@ -64,14 +64,14 @@ using simd::kTanh;
 // (MMOPS_SIMD_CLONES) for float; double for checking.
 template <typename T>
 MMOPS_INLINE void act_fwd_loop(int64_t act, T* h, const T* pre, int64_t n) {
-  simd::with_activation(act, [&](auto a) {
+  simd::with_activation(act, [&](auto a) MMOPS_INLINE_LAMBDA {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) h[i] = simd::activate<decltype(a)::value>(pre[i]);
   });
 }
 template <typename T>
 MMOPS_INLINE void act_bwd_loop(int64_t act, T* g, const T* m, const T* dout, const T* h, int64_t n) {
-  simd::with_activation(act, [&](auto a) {
+  simd::with_activation(act, [&](auto a) MMOPS_INLINE_LAMBDA {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) g[i] = simd::act_grad<decltype(a)::value>(m[i] + dout[i], h[i]);
   });

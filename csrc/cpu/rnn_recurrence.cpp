@@ -88,7 +88,7 @@ MMOPS_AVX512_TARGET void step_blocks(const StepArgs& s, int64_t i0, int64_t i1) 
 
 template <Epilogue kEp>
 void step_blocks(int64_t act, const StepArgs& s, int64_t i0, int64_t i1) {
-  simd::with_activation(act, [&](auto a) { step_blocks<kEp, decltype(a)::value>(s, i0, i1); });
+  simd::with_activation(act, [&](auto a) MMOPS_INLINE_LAMBDA { step_blocks<kEp, decltype(a)::value>(s, i0, i1); });
 }
 
 }  // namespace
