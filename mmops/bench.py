@@ -536,9 +536,15 @@ def write_results(name: str, rows: list[dict], table: str) -> None:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
         json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write(f"`python -m mmops bench --op {name}`: forward+backward, float32, dense random grad_output, candidates "
-                f"interleaved round-robin, medians.\n\n{table}\n")
+    # the generated table goes between the markers; hand-written sections around it are kept
+    md = os.path.join(RESULTS_DIR, f"{name}.md")
+    block = (f"<!-- bench table -->\n`python -m mmops bench --op {name}`: forward+backward, float32, dense random "
+             f"grad_output, candidates interleaved round-robin, medians.\n\n{table}\n<!-- /bench table -->")
+    old = open(md).read() if os.path.isfile(md) else ""
+    start, end = old.find("<!-- bench table -->"), old.find("<!-- /bench table -->")
+    text = old[:start] + block + old[end + len("<!-- /bench table -->"):] if 0 <= start < end else block + "\n"
+    with open(md, "w") as f:
+        f.write(text)
     try:
         _plot(name, rows)
     except ImportError:
