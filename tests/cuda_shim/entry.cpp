@@ -1,0 +1,97 @@
+// TEST-ONLY: C entry points that run the CUDA device code of csrc/cuda/*.cuh on the CPU through the shim, with the
+// same host-side schedules the .cu launchers use. Built by tests/test_cuda_device_code.py with the system C++
+// compiler into a temporary shared library and called through ctypes (no torch header, no nvcc).
+// dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16.
+#include "shim.h"  // first: provides the CUDA names to the device code
+
+#include <cmath>
+#include <vector>
+
+#include "cuda/cross_entropy.cuh"
+
+using namespace mmops::cuda;
+
+namespace {
+
+template <typename F>
+int with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(double{});
+    case 2: return f(mmops_shim::bfloat16{});
+    case 3: return f(mmops_shim::half{});
+  }
+  return -1;
+}
+
+constexpr int kShimSMs = 2;
+
+}  // namespace
+
+extern "C" {
+
+// The forward of cross_entropy_forward(_inplace): returns -1 when done, or the first row with an out-of-range
+// target (nothing written then, as the launcher raises before the row kernel). grad may be x (in place) or null.
+int64_t shim_ce_forward(int dtype, const void* x, int64_t N, int64_t C, const int64_t* y, const void* t,
+                        const void* w, int64_t ignore_index, double eps, int reduction, void* grad, void* out,
+                        int max_threads, int force_kind) {
+  int64_t result = -1;
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using A = acc_t<T>;
+    mmops_shim::Launch launch;
+    CEParams<T> p;
+    p.x = static_cast<const T*>(x);
+    p.N = N;
+    p.C = C;
+    p.y = y;
+    p.t = static_cast<const T*>(t);
+    p.w = static_cast<const T*>(w);
+    p.ignore_index = ignore_index;
+    p.eps = static_cast<A>(eps);
+    p.grad = static_cast<T*>(grad);
+    A W = static_cast<A>(C);
+    if (p.w) {
+      W = 0;
+      for (int64_t c = 0; c < C; ++c) W += Num<T>::load(p.w[c]);
+    }
+    p.W = W;
+    std::vector<A> row_loss(N > 0 ? N : 1);
+    p.row_loss = row_loss.data();
+    double denom = static_cast<double>(N);
+    A row_scale = A(1);
+    if (p.y) {
+      int64_t bad = -1;
+      ce_launch_denominator(launch, p, reduction == 1, &denom, &row_scale, &bad, max_threads);
+      if (bad >= 0) {
+        result = bad;
+        return 0;
+      }
+    } else {
+      row_scale = static_cast<A>(1.0 / denom);
+    }
+    if (reduction == 1) p.row_scale = &row_scale;
+    const CEPlan plan = ce_plan<T>(N, C, kShimSMs, max_threads, force_kind);
+    ce_launch_rows(launch, p, plan, reduction, &denom, static_cast<T*>(out));
+    return 0;
+  });
+  return result;
+}
+
+// The plan the launcher would pick (kind, threads) for these sizes: lets the tests check they cover each kind.
+int shim_ce_plan_kind(int dtype, int64_t N, int64_t C, int max_threads) {
+  return with_dtype(dtype, [&](auto zero) { return ce_plan<decltype(zero)>(N, C, kShimSMs, max_threads).kind; });
+}
+
+void shim_ce_scale_grad(int dtype, const void* g, void* out, int64_t N, int64_t C, const void* go,
+                        int64_t go_stride) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    ce_launch_scale_grad(launch, static_cast<const T*>(g), static_cast<T*>(out), N, C, static_cast<const T*>(go),
+                         go_stride, kShimSMs, 64);
+    return 0;
+  });
+}
+
+}  // extern "C"
