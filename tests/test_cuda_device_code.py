@@ -218,3 +218,148 @@ def test_cross_entropy_scale_grad(lib, dtype):
     assert torch.equal(inplace, g)  # in place with 1: nothing to do
     lib.shim_ce_scale_grad(code, ptr(inplace), ptr(inplace), 33, 27, ptr(two), 0)
     assert torch.equal(inplace, g * 2)
+
+
+# ---- BatchNorm ---------------------------------------------------------------------------------------------------
+ACTS = {0: lambda y: y, 1: torch.tanh, 2: torch.relu}
+
+
+def reference_batch_norm(x, w, b, rm, rv, training, momentum, eps, bessel, act):
+    """The chain in float64: h, mean, invstd, new running stats; x/w/b are leaves for autograd."""
+    dims = [0] if x.dim() == 2 else [0, 2]
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
+    if training:
+        n = x.numel() // x.shape[1]
+        mean = x.mean(dims)
+        var_b = ((x - mean.view(shape)) ** 2).mean(dims)
+        var_u = var_b * n / (n - 1)
+        var = var_u if bessel else var_b
+        rm_new = None if rm is None else (1 - momentum) * rm + momentum * mean.detach()
+        rv_new = None if rv is None else (1 - momentum) * rv + momentum * var_u.detach()
+    else:
+        mean, var = rm, rv
+        rm_new, rv_new = rm, rv
+    invstd = 1 / torch.sqrt(var + eps)
+    y = (x - mean.view(shape)) * invstd.view(shape)
+    if w is not None:
+        y = y * w.view(shape) + b.view(shape)
+    return ACTS[act](y), mean, invstd, rm_new, rv_new
+
+
+def shim_batch_norm(lib, x, w, b, rm, rv, training, momentum, eps, bessel, act, threads, splits):
+    N, C = x.shape[:2]
+    L = x.shape[2] if x.dim() == 3 else 1
+    h = torch.full_like(x, float("nan"))
+    mean, invstd = torch.full((C,), float("nan"), dtype=x.dtype), torch.full((C,), float("nan"), dtype=x.dtype)
+    lib.shim_bn_forward(DTYPE_CODES[x.dtype], ptr(x), ptr(h), N, C, L, ptr(w), ptr(b), ptr(rm), ptr(rv), ptr(mean),
+                        ptr(invstd), int(training), momentum, eps, int(bessel), act, threads, splits)
+    return h, mean, invstd
+
+
+# (shape, threads, forced splits): channel tiles (L = 1) with tails past C, one channel per block (L > 1), one
+# split and several (the two-level reduction), N = 1 with L > 1
+BN_SHAPES = [((33, 27), 64, 0), ((33, 27), 64, 3), ((200, 40), 128, 0), ((1, 3, 17), 64, 0), ((33, 5, 7), 64, 2),
+             ((16, 3, 100), 128, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", BN_SHAPES, ids=[f"{'x'.join(map(str, s))}-t{t}-s{k}" for s, t, k in BN_SHAPES])
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("training,bessel,affine", [(True, False, True), (True, True, False), (False, False, True)])
+def test_batch_norm_forward_and_backward(lib, dtype, case, act, training, bessel, affine):
+    shape, threads, splits = case
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(C, dtype=torch.float64).to(dtype) if affine else None
+    rm, rv = torch.randn(C, dtype=dtype), (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype)
+    rm0, rv0 = rm.clone(), rv.clone()
+    h, mean, invstd = shim_batch_norm(lib, x, w, b, rm, rv, training, 0.1, 1e-5, bessel, act, threads, splits)
+
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_() if affine else None
+    bd = b.double().requires_grad_() if affine else None
+    ref_h, ref_mean, ref_invstd, ref_rm, ref_rv = reference_batch_norm(xd, wd, bd, rm0.double(), rv0.double(),
+                                                                       training, 0.1, 1e-5, bessel, act)
+    assert_close(h, ref_h.detach(), dtype, "h")
+    assert_close(mean, ref_mean.detach(), dtype, "mean")
+    assert_close(invstd, ref_invstd.detach(), dtype, "invstd")
+    assert_close(rm, ref_rm, dtype, "running_mean")
+    assert_close(rv, ref_rv, dtype, "running_var")
+
+    dh = torch.randn(shape, dtype=dtype)
+    ref_h.backward(dh.double())
+    N, L = shape[0], shape[2] if len(shape) == 3 else 1
+    dx, dg, db = torch.full_like(x, float("nan")), torch.full((C,), float("nan"), dtype=dtype), torch.full(
+        (C,), float("nan"), dtype=dtype)
+    lib.shim_bn_backward(DTYPE_CODES[dtype], ptr(dh), ptr(h), ptr(x), ptr(dx), ptr(dg), ptr(db), N, C, L, ptr(w),
+                         ptr(mean), ptr(invstd), int(training), int(bessel), act, threads, splits)
+    # tanh: the reference differentiates tanh itself, the kernel uses 1 - h^2 of the rounded h
+    assert_close(dx, xd.grad, dtype, "dx")
+    if affine:
+        assert_close(dg, wd.grad, dtype, "dgamma")
+        assert_close(db, bd.grad, dtype, "dbeta")
+
+
+def test_batch_norm_backward_without_sums_in_eval(lib):
+    """Eval mode, dx only: no reduction runs, dx = gamma * invstd * dy'."""
+    x = torch.randn(9, 5)
+    w, mean, invstd = torch.rand(5) + 0.5, torch.randn(5), torch.rand(5) + 0.5
+    h = torch.relu((x - mean) * invstd * w)
+    dh = torch.randn(9, 5)
+    dx = torch.full_like(x, float("nan"))
+    lib.shim_bn_backward(0, ptr(dh), ptr(h), ptr(x), ptr(dx), None, None, 9, 5, 1, ptr(w), ptr(mean), ptr(invstd), 0,
+                         0, 2, 64, 0)
+    torch.testing.assert_close(dx, torch.where(h > 0, dh, 0) * invstd * w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batch_norm_low_precision(lib, dtype):
+    x = (torch.randn(64, 40, dtype=torch.float64) + 1).to(dtype)
+    w, b = torch.ones(40, dtype=dtype), torch.zeros(40, dtype=dtype)
+    h, mean, invstd = shim_batch_norm(lib, x, w, b, None, None, True, 0.1, 1e-5, False, 1, 64, 0)
+    ref_h, ref_mean, ref_invstd, _, _ = reference_batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-5,
+                                                             False, 1)
+    assert_close(h, ref_h, dtype, "h")
+    assert_close(mean, ref_mean, dtype, "mean")
+
+
+def test_batch_norm_large_mean_keeps_digits(lib):
+    """mean 1000, std 1: Welford and the x - mean form keep float32's digits (a sum-of-squares form loses them)."""
+    x = torch.randn(300, 8, dtype=torch.float64).add(1000).float()
+    h, mean, invstd = shim_batch_norm(lib, x, None, None, None, None, True, 0.1, 1e-5, False, 0, 64, 3)
+    ref_h, _, ref_invstd, _, _ = reference_batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-5, False, 0)
+    torch.testing.assert_close(invstd.double(), ref_invstd, rtol=1e-4, atol=0)
+    torch.testing.assert_close(h.double(), ref_h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(33, 27), (5, 3, 11)])
+def test_sync_batch_norm_pieces(lib, shape):
+    """batch_norm_stats / backward_reduce / backward_elemt against the CPU kernels (float64 outputs)."""
+    ops = pytest.importorskip("mmops._ops").ops
+    N, C = shape[:2]
+    L = shape[2] if len(shape) == 3 else 1
+    x = torch.randn(shape) * 3 + 1
+    mean64, m2 = torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.float64)
+    lib.shim_bn_stats(0, ptr(x), N, C, L, ptr(mean64), ptr(m2), 64, 2)
+    cpu_mean, cpu_m2 = ops.batch_norm_stats(x)
+    torch.testing.assert_close(mean64, cpu_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m2, cpu_m2, rtol=1e-5, atol=1e-4)
+
+    mean = cpu_mean.float()
+    invstd = (1 / torch.sqrt(cpu_m2 / (N * L) + 1e-5)).float()
+    w = torch.rand(C) + 0.5
+    shape_c = (1, -1) if len(shape) == 2 else (1, -1, 1)
+    h = torch.tanh((x - mean.view(shape_c)) * (invstd * w).view(shape_c))
+    dh = torch.randn(shape)
+    sdy, sdyx = torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.float64)
+    lib.shim_bn_backward_reduce(0, ptr(dh), ptr(h), ptr(x), ptr(mean), N, C, L, 1, ptr(sdy), ptr(sdyx), 64, 2)
+    cpu_sdy, cpu_sdyx = ops.batch_norm_backward_reduce(dh, h, x, mean, 1)
+    torch.testing.assert_close(sdy, cpu_sdy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdyx, cpu_sdyx, rtol=1e-5, atol=1e-5)
+
+    dx = torch.empty_like(x)
+    lib.shim_bn_backward_elemt(0, ptr(dh), ptr(h), ptr(x), ptr(dx), N, C, L, ptr(w), ptr(mean), ptr(invstd), ptr(sdy),
+                               ptr(sdyx), N * L, 1, 1, 64)
+    cpu_dx = ops.batch_norm_backward_elemt(dh, h, x, w, mean, invstd, sdy, sdyx, N * L, True, 1)
+    torch.testing.assert_close(dx, cpu_dx, rtol=1e-5, atol=1e-5)

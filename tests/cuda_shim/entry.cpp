@@ -95,3 +95,100 @@ void shim_ce_scale_grad(int dtype, const void* g, void* out, int64_t N, int64_t 
 }
 
 }  // extern "C"
+
+// ---- BatchNorm ---------------------------------------------------------------------------------------------
+#include "cuda/batch_norm.cuh"
+
+namespace {
+template <typename T>
+struct BNWorkspace {
+  std::vector<unsigned char> partial;
+  std::vector<acc_t<T>> coef;
+  BNWorkspace(const BNPlan& p, int64_t C) : partial(bn_partial_bytes<T>(p, C) + 16), coef(3 * C + 1) {}
+};
+}  // namespace
+
+extern "C" {
+
+void shim_bn_forward(int dtype, const void* x, void* h, int64_t N, int64_t C, int64_t L, const void* weight,
+                     const void* bias, void* running_mean, void* running_var, void* mean, void* invstd, int training,
+                     double momentum, double eps, int bessel, int act, int max_threads, int splits) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    const BNShape s{N, C, L};
+    const BNPlan plan = bn_plan(s, kShimSMs, max_threads, splits);
+    BNWorkspace<T> ws(plan, C);
+    bn_launch_forward(launch, plan, s, static_cast<const T*>(x), static_cast<T*>(h), static_cast<const T*>(weight),
+                      static_cast<const T*>(bias), static_cast<T*>(running_mean), static_cast<T*>(running_var),
+                      training != 0, momentum, eps, bessel != 0, act, static_cast<T*>(mean), static_cast<T*>(invstd),
+                      ws.partial.data());
+    return 0;
+  });
+}
+
+void shim_bn_backward(int dtype, const void* dh, const void* h, const void* x, void* dx, void* dgamma, void* dbeta,
+                      int64_t N, int64_t C, int64_t L, const void* weight, const void* mean, const void* invstd,
+                      int training, int bessel, int act, int max_threads, int splits) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    const BNShape s{N, C, L};
+    const BNPlan plan = bn_plan(s, kShimSMs, max_threads, splits);
+    BNWorkspace<T> ws(plan, C);
+    bn_launch_backward(launch, plan, s, static_cast<const T*>(dh), static_cast<const T*>(h),
+                       static_cast<const T*>(x), static_cast<T*>(dx), static_cast<T*>(dgamma),
+                       static_cast<T*>(dbeta), static_cast<const T*>(weight), static_cast<const T*>(mean),
+                       static_cast<const T*>(invstd), training != 0, bessel != 0, act, ws.partial.data(),
+                       ws.coef.data());
+    return 0;
+  });
+}
+
+void shim_bn_stats(int dtype, const void* x, int64_t N, int64_t C, int64_t L, double* mean64, double* m2_64,
+                   int max_threads, int splits) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    const BNShape s{N, C, L};
+    const BNPlan plan = bn_plan(s, kShimSMs, max_threads, splits);
+    BNWorkspace<T> ws(plan, C);
+    bn_launch_stats(launch, plan, s, static_cast<const T*>(x), mean64, m2_64, ws.partial.data());
+    return 0;
+  });
+}
+
+void shim_bn_backward_reduce(int dtype, const void* dh, const void* h, const void* x, const void* mean, int64_t N,
+                             int64_t C, int64_t L, int act, double* sum_dy, double* sum_dy_xmu, int max_threads,
+                             int splits) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    const BNShape s{N, C, L};
+    const BNPlan plan = bn_plan(s, kShimSMs, max_threads, splits);
+    BNWorkspace<T> ws(plan, C);
+    bn_launch_backward_reduce(launch, plan, s, static_cast<const T*>(dh), static_cast<const T*>(h),
+                              static_cast<const T*>(x), static_cast<const T*>(mean), act, sum_dy, sum_dy_xmu,
+                              ws.partial.data());
+    return 0;
+  });
+}
+
+void shim_bn_backward_elemt(int dtype, const void* dh, const void* h, const void* x, void* dx, int64_t N, int64_t C,
+                            int64_t L, const void* weight, const void* mean, const void* invstd, const double* sum_dy,
+                            const double* sum_dy_xmu, int64_t count, int bessel, int act, int max_threads) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    const BNShape s{N, C, L};
+    const BNPlan plan = bn_plan(s, kShimSMs, max_threads);
+    BNWorkspace<T> ws(plan, C);
+    bn_launch_backward_elemt(launch, plan, s, static_cast<const T*>(dh), static_cast<const T*>(h),
+                             static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const T*>(weight),
+                             static_cast<const T*>(mean), static_cast<const T*>(invstd), sum_dy, sum_dy_xmu, count,
+                             bessel != 0, act, ws.coef.data());
+    return 0;
+  });
+}
+
+}  // extern "C"
