@@ -363,3 +363,84 @@ def test_sync_batch_norm_pieces(lib, shape):
                                ptr(sdyx), N * L, 1, 1, 64)
     cpu_dx = ops.batch_norm_backward_elemt(dh, h, x, w, mean, invstd, sdy, sdyx, N * L, True, 1)
     torch.testing.assert_close(dx, cpu_dx, rtol=1e-5, atol=1e-5)
+
+
+# ---- RNN (the schedule of rnn.cu with a plain-loop GEMM standing in for cuBLAS) -----------------------------------
+def reference_rnn(x, hx, w_ih, w_hh, b, act):
+    """The step loop in float64 (x: (T, B, I) floats, one-hot rows for tokens)."""
+    f = torch.tanh if act == 1 else torch.relu
+    h, outs = hx, []
+    for t in range(x.shape[0]):
+        pre = x[t] @ w_ih.T + h @ w_hh.T
+        h = f(pre + b if b is not None else pre)
+        outs.append(h)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [(5, 3, 4, 7), (1, 2, 3, 5), (4, 2, 27, 33)], ids=["T5", "T1", "tokens-T4"])
+@pytest.mark.parametrize("act", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rnn_forward_and_backward(lib, dtype, dims, act, bias):
+    T, B, I, H = dims
+    tokens = I == 27
+    w_ih = (torch.randn(H, I, dtype=torch.float64) / I ** 0.5).to(dtype)
+    w_hh = (torch.randn(H, H, dtype=torch.float64) / H ** 0.5).to(dtype)
+    b = torch.randn(H, dtype=dtype) * 0.1 if bias else None
+    hx = torch.randn(B, H, dtype=dtype) * 0.5
+    if tokens:
+        tok = torch.randint(0, I, (T, B))
+        x = None
+        xd = F.one_hot(tok, I).double()
+    else:
+        tok = None
+        x = torch.randn(T, B, I, dtype=dtype)
+        xd = x.double()
+    table = w_ih.T.contiguous() if tokens else None
+    out = torch.full((T, B, H), float("nan"), dtype=dtype)
+    code = DTYPE_CODES[dtype]
+    lib.shim_rnn_forward(code, ptr(x), ptr(tok), ptr(table), ptr(hx), ptr(w_ih), ptr(w_hh), ptr(b), ptr(out), T, B, I,
+                         H, act, 64)
+    leaves = [t.double().requires_grad_() for t in (hx, w_ih, w_hh)]
+    bd = b.double().requires_grad_() if bias else None
+    if not tokens:
+        xd.requires_grad_()
+    ref = reference_rnn(xd, *leaves, bd, act)
+    assert_close(out, ref.detach(), dtype, "output")
+
+    dout = torch.randn(T, B, H, dtype=dtype)
+    ref.backward(dout.double())
+    dpre = torch.empty(T, B, H, dtype=dtype)
+    d_input = None if tokens else torch.full((T, B, I), float("nan"), dtype=dtype)
+    d_hx, d_w_hh = torch.full_like(hx, float("nan")), torch.full_like(w_hh, float("nan"))
+    d_w_ih, d_b = torch.full_like(w_ih, float("nan")), torch.full((H,), float("nan"), dtype=dtype)
+    lib.shim_rnn_backward(code, ptr(dout), ptr(out), ptr(x), ptr(tok), ptr(hx), ptr(w_ih), ptr(w_hh), ptr(dpre),
+                          ptr(d_input), ptr(d_hx), ptr(d_w_ih), ptr(d_w_hh), ptr(d_b), T, B, I, H, act, 64)
+    assert_close(d_hx, leaves[0].grad, dtype, "d_hx")
+    assert_close(d_w_ih, leaves[1].grad, dtype, "d_w_ih")
+    assert_close(d_w_hh, leaves[2].grad, dtype, "d_w_hh")
+    if bias:
+        assert_close(d_b, bd.grad, dtype, "d_b")
+    if not tokens:
+        assert_close(d_input, xd.grad, dtype, "d_input")
+
+
+def test_rnn_matches_cpu_kernel(lib):
+    ops = pytest.importorskip("mmops._ops").ops
+    T, B, I, H = 6, 4, 5, 16
+    x, hx = torch.randn(T, B, I), torch.randn(B, H)
+    w_ih, w_hh = torch.randn(H, I) / 3, torch.randn(H, H) / 4
+    b_ih, b_hh = torch.randn(H) / 10, torch.randn(H) / 10
+    cpu_out = ops.rnn_forward(x, hx, w_ih, w_hh, b_ih, b_hh, 1)
+    out = torch.empty(T, B, H)
+    bias = b_ih + b_hh
+    lib.shim_rnn_forward(0, ptr(x), None, None, ptr(hx), ptr(w_ih), ptr(w_hh), ptr(bias), ptr(out), T, B, I, H, 1, 64)
+    torch.testing.assert_close(out, cpu_out, rtol=1e-5, atol=1e-6)
+    dout = torch.randn(T, B, H)
+    cpu_grads = ops.rnn_backward(dout, cpu_out, x, hx, w_ih, w_hh, 1, [True] * 5)
+    grads = [torch.empty(T, B, I), torch.empty(B, H), torch.empty(H, I), torch.empty(H, H), torch.empty(H)]
+    dpre = torch.empty(T, B, H)  # named: the shim writes into it
+    lib.shim_rnn_backward(0, ptr(dout), ptr(out), ptr(x), None, ptr(hx), ptr(w_ih), ptr(w_hh), ptr(dpre),
+                          *map(ptr, grads), T, B, I, H, 1, 64)
+    for name, g, c in zip(["d_input", "d_hx", "d_w_ih", "d_w_hh", "d_b"], grads, cpu_grads):
+        torch.testing.assert_close(g, c, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

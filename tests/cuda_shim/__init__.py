@@ -77,12 +77,12 @@ _EXTRA_SIGNATURES = {
     # (dtype, dh, h, x, dx, N, C, L, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bessel, act, max_threads)
     "shim_bn_backward_elemt": (None, [_i32, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _vp, _vp, _vp, _i64,
                                       _i32, _i32, _i32]),
-    # (dtype, out, table, tokens, bias, rows, H, I, max_threads)
-    "shim_rnn_gather": (None, [_i32, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _i32]),
-    # (dtype, h, n, act, max_threads)
-    "shim_rnn_activate": (None, [_i32, _vp, _i64, _i32, _i32]),
-    # (dtype, g, m, dout, h, n, act, max_threads)
-    "shim_rnn_step_backward": (None, [_i32, _vp, _vp, _vp, _vp, _i64, _i32, _i32]),
+    # (dtype, x, tok, table, hx, w_ih, w_hh, bias, out, T, B, I, H, act, max_threads)
+    "shim_rnn_forward": (None, [_i32, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _i64, _i32, _i32]),
+    # (dtype, dout, h, x, tok, hx, w_ih, w_hh, dpre, d_input, d_hx, d_w_ih, d_w_hh, d_b, T, B, I, H, act,
+    #  max_threads)
+    "shim_rnn_backward": (None, [_i32, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64, _i64,
+                                 _i64, _i64, _i32, _i32]),
 }
 
 

@@ -192,3 +192,65 @@ void shim_bn_backward_elemt(int dtype, const void* dh, const void* h, const void
 }
 
 }  // extern "C"
+
+// ---- RNN ---------------------------------------------------------------------------------------------------
+#include "cuda/rnn.cuh"
+
+namespace {
+// The schedules' GEMM (cuBLAS in rnn.cu) as a plain loop, accumulating in acc_t<T>.
+struct ShimGemm {
+  template <typename T>
+  void operator()(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, double beta, T* c, int64_t ldc) const {
+    using A = acc_t<T>;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        A s = A(0);
+        for (int64_t p = 0; p < k; ++p) {
+          const A av = Num<T>::load(ta ? a[p * lda + i] : a[i * lda + p]);
+          const A bv = Num<T>::load(tb ? b[j * ldb + p] : b[p * ldb + j]);
+          s += av * bv;
+        }
+        const A old = beta != 0 ? static_cast<A>(beta) * Num<T>::load(c[i * ldc + j]) : A(0);
+        c[i * ldc + j] = Num<T>::store(static_cast<A>(alpha) * s + old);
+      }
+  }
+};
+}  // namespace
+
+extern "C" {
+
+// tok != null: token input, table = W_ih^T (I, H).
+void shim_rnn_forward(int dtype, const void* x, const int64_t* tok, const void* table, const void* hx, const void* w_ih,
+                      const void* w_hh, const void* bias, void* out, int64_t T_, int64_t B, int64_t I, int64_t H,
+                      int act, int max_threads) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    ShimGemm gemm;
+    rnn_forward_schedule(launch, gemm, RNNDims{T_, B, I, H}, static_cast<const T*>(x), tok,
+                         static_cast<const T*>(table), static_cast<const T*>(hx), static_cast<const T*>(w_ih),
+                         static_cast<const T*>(w_hh), static_cast<const T*>(bias), static_cast<T*>(out), act, kShimSMs,
+                         max_threads);
+    return 0;
+  });
+}
+
+void shim_rnn_backward(int dtype, const void* dout, const void* h, const void* x, const int64_t* tok, const void* hx,
+                       const void* w_ih, const void* w_hh, void* dpre, void* d_input, void* d_hx, void* d_w_ih,
+                       void* d_w_hh, void* d_b, int64_t T_, int64_t B, int64_t I, int64_t H, int act,
+                       int max_threads) {
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mmops_shim::Launch launch;
+    ShimGemm gemm;
+    rnn_backward_schedule(launch, gemm, RNNDims{T_, B, I, H}, static_cast<const T*>(dout), static_cast<const T*>(h),
+                          static_cast<const T*>(x), tok, static_cast<const T*>(hx), static_cast<const T*>(w_ih),
+                          static_cast<const T*>(w_hh), act, static_cast<T*>(dpre), static_cast<T*>(d_input),
+                          static_cast<T*>(d_hx), static_cast<T*>(d_w_ih), static_cast<T*>(d_w_hh),
+                          static_cast<T*>(d_b), kShimSMs, max_threads);
+    return 0;
+  });
+}
+
+}  // extern "C"
