@@ -8,13 +8,14 @@ printed, not failed. Needs nvcc: CI installs one from PyPI (.ci/run); skipped wh
 import re
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 
 from .cuda_shim import CUDA_DIR, ROOT, SHIM_DIR, find_nvcc
 
 ARCHS = ("80", "90")
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v"]  # setup.py's nvcc flags + -Xptxas -v
+NVCC_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "-Xptxas", "-v"]  # the build's nvcc flags + -Xptxas -v
 
 # Mangled-name patterns of the hot kernels (no c++filt needed): T is f (float), 13__nv_bfloat16 or 6__half.
 _LOW = r"(?:f|13__nv_bfloat16|6__half)"
@@ -93,3 +94,29 @@ def test_kernels_compile_for_sm80_sm90_without_spills_in_hot_kernels(ptxas_repor
     print("\nregisters per thread (ptxas -v):\n" + "\n".join(print_rows))
     assert sum(any(p.search(r[1]) for p in HOT) for r in ptxas_report) >= 2 * 20, "hot-kernel patterns matched too few"
     assert not hot_spills, "hot kernels spill to local memory:\n" + "\n".join(hot_spills)
+
+
+def test_launchers_compile_against_torch_headers(tmp_path):
+    """The .cu launchers (ATen, c10/cuda, TORCH_LIBRARY_IMPL(mmops, CUDA)) compile for sm_90 against the installed
+    torch's headers -- a CPU build of torch here: compiled, not linked (a CPU torch has no libc10_cuda to link).
+    C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips c10/cuda/impl/cuda_cmake_macros.h, a generated header that CPU wheels
+    do not ship (it only sets C10_CUDA_BUILD_SHARED_LIBS)."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    import torch
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    procs = {}
+    for src in sorted(CUDA_DIR.glob("*.cu")):
+        cmd = [nvcc, "-c", "-std=c++20", "-O3", "--use_fast_math", "-arch=sm_90", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DMMOPS_WITH_CUDA", abi, f"-I{ROOT / 'csrc'}", *includes, str(src),
+               "-o", str(tmp_path / (src.stem + ".o"))]
+        procs[src.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert set(procs) == {"cross_entropy.cu", "batch_norm.cu", "rnn.cu"}
+    failures = []
+    for name, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"{name}:\n{out[-4000:]}")
+    assert not failures, "\n".join(failures)
