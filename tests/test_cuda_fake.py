@@ -89,3 +89,16 @@ def test_compile_traces_the_functions_for_cuda(fake):
         with fake:
             out = compiled(*args)
         _on_cuda(out)
+
+
+def test_cuda_cli_helpers_say_why_not_without_a_gpu(monkeypatch):
+    """mmops._cuda (for `bench/check/train --device cuda`): without a GPU, available() is False and require() raises
+    one clear line before any work starts."""
+    from mmops import _cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cuda.available() is False
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        _cuda.require()
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        _cuda.bench()
