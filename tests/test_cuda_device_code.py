@@ -20,7 +20,7 @@ def lib():
 
 
 def shim_cross_entropy(lib, x, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                       grad="new", max_threads=64, kind=-1):
+                       grad="new", max_threads=64, kind=-1, max_blocks=0):
     """Runs the forward; grad: "new" (a fresh buffer), "inplace" (into x), None. Returns (loss, grad, bad_row)."""
     N, C = x.shape
     prob = target.is_floating_point()
@@ -29,7 +29,7 @@ def shim_cross_entropy(lib, x, target, weight=None, ignore_index=-100, label_smo
     out = torch.full((N,) if red == 0 else (), float("nan"), dtype=x.dtype)
     bad = lib.shim_ce_forward(DTYPE_CODES[x.dtype], ptr(x), N, C, None if prob else ptr(target),
                               ptr(target) if prob else None, ptr(weight), ignore_index, label_smoothing, red, ptr(g),
-                              ptr(out), max_threads, kind)
+                              ptr(out), max_threads, kind, max_blocks)
     return out, g, bad
 
 
@@ -105,6 +105,19 @@ def test_cross_entropy_low_precision_and_long_rows(lib, dtype, shape, smoothing)
     assert_close(loss, ref_loss, dtype, "loss")
     assert_close(g, ref_grad, dtype, "grad")
     assert torch.all(g[1] == 0)
+
+
+@pytest.mark.parametrize("shape", [(33, 27, 64, -1), (9, 1000, 64, -1), (7, 3000, 64, STREAM)])
+def test_cross_entropy_blocks_loop_over_rows(lib, shape):
+    """A grid smaller than the rows: each block (or each warp of a block) takes several rows in turn."""
+    N, C, threads, kind = shape
+    x = logits(N, C, torch.float32)
+    t = torch.randint(0, C, (N,))
+    t[N // 2] = -100
+    loss, g, _ = shim_cross_entropy(lib, x, t, reduction="none", max_threads=threads, kind=kind, max_blocks=2)
+    ref_loss, ref_grad = reference_cross_entropy(x, t, reduction="none")
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(g, ref_grad, torch.float32, "grad")
 
 
 def test_plans_cover_every_row_shape(lib):

@@ -48,7 +48,7 @@ def build_shim_library() -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     i64, i32, vp, f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
     dll.shim_ce_forward.restype = i64
-    dll.shim_ce_forward.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, f64, i32, vp, vp, i32, i32]
+    dll.shim_ce_forward.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, f64, i32, vp, vp, i32, i32, i64]
     dll.shim_ce_plan_kind.restype = i32
     dll.shim_ce_plan_kind.argtypes = [i32, i64, i64, i32]
     dll.shim_ce_scale_grad.restype = None

@@ -34,7 +34,7 @@ extern "C" {
 // target (nothing written then, as the launcher raises before the row kernel). grad may be x (in place) or null.
 int64_t shim_ce_forward(int dtype, const void* x, int64_t N, int64_t C, const int64_t* y, const void* t,
                         const void* w, int64_t ignore_index, double eps, int reduction, void* grad, void* out,
-                        int max_threads, int force_kind) {
+                        int max_threads, int force_kind, int64_t max_blocks) {
   int64_t result = -1;
   with_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -71,7 +71,8 @@ int64_t shim_ce_forward(int dtype, const void* x, int64_t N, int64_t C, const in
       row_scale = static_cast<A>(1.0 / denom);
     }
     if (reduction == 1) p.row_scale = &row_scale;
-    const CEPlan plan = ce_plan<T>(N, C, kShimSMs, max_threads, force_kind);
+    CEPlan plan = ce_plan<T>(N, C, kShimSMs, max_threads, force_kind);
+    if (max_blocks > 0 && plan.blocks > max_blocks) plan.blocks = max_blocks;  // blocks loop over several rows
     ce_launch_rows(launch, p, plan, reduction, &denom, static_cast<T*>(out));
     return 0;
   });
