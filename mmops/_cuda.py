@@ -87,7 +87,7 @@ def bench(ce_sizes=((16384, 50257, torch.bfloat16), (4096, 27, torch.float32)),
         b = torch.zeros(C, device="cuda", requires_grad=True)
         dh = torch.randn(N, C, device="cuda")
         nbytes = 5 * x.numel() * 4  # forward: read x, write h; backward: read dh, h, x, write dx (minus the 2nd x)
-        from .functional import batch_norm
+        from . import batch_norm
 
         fused = lambda: torch.autograd.grad(batch_norm(x, None, None, w, b, True, activation="tanh"), (x, w, b), dh)
         ref = lambda: torch.autograd.grad(torch.tanh(F.batch_norm(x, None, None, w, b, True)), (x, w, b), dh)
@@ -103,8 +103,7 @@ def bench(ce_sizes=((16384, 50257, torch.bfloat16), (4096, 27, torch.float32)),
 def check() -> list:
     """The cmp rows of `python -m mmops check`, on the GPU (float64 and float32)."""
     require()
-    from . import reference
-    from .functional import batch_norm, cross_entropy, rnn
+    from . import batch_norm, cross_entropy, reference, rnn
     from .testing import cmp
 
     rows = []

@@ -205,9 +205,11 @@ MMOPS_GLOBAL void bn_backward_finish_kernel(const Sums<acc_t<T>, 2>* partial, in
   }
 }
 
+// Training: dx = A dy' + B (x - mean) + D. Eval: dx = A dy' (no 0 * (x - mean) term, which would turn an inf in x
+// into NaN).
 template <typename T>
 MMOPS_GLOBAL void bn_backward_dx_kernel(const T* dh, const T* h, const T* x, T* dx, BNShape s, const T* mean,
-                                        const acc_t<T>* coef, int act) {
+                                        const acc_t<T>* coef, int act, bool training) {
   using A = acc_t<T>;
   const bool rows = s.L == 1;
   const int64_t lines = rows ? s.N : s.N * s.C, len = rows ? s.C : s.L;
@@ -216,8 +218,10 @@ MMOPS_GLOBAL void bn_backward_dx_kernel(const T* dh, const T* h, const T* x, T* 
     for (int64_t j = flat_thread(); j < len; j += block_threads()) {
       const int64_t c = rows ? j : c_line, i = line * len + j;
       const A d = activation_grad(act, Num<T>::load(dh[i]), Num<T>::load(h[i]));
-      dx[i] = Num<T>::store(coef[c] * d + coef[s.C + c] * (Num<T>::load(x[i]) - Num<T>::load(mean[c])) +
-                            coef[2 * s.C + c]);
+      const A v = training ? coef[c] * d + coef[s.C + c] * (Num<T>::load(x[i]) - Num<T>::load(mean[c])) +
+                                 coef[2 * s.C + c]
+                           : coef[c] * d;
+      dx[i] = Num<T>::store(v);
     }
   }
 }
@@ -310,7 +314,7 @@ void bn_launch_backward(Launch& launch, const BNPlan& p, BNShape s, const T* dh,
          training, bessel, dgamma, dbeta, coef, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
   if (dx && s.N * s.C * s.L > 0)
     launch(dim3(static_cast<unsigned>(p.lines_grid)), dim3(p.threads), &bn_backward_dx_kernel<T>, dh, h, x, dx, s,
-           mean, static_cast<const acc_t<T>*>(coef), act);
+           mean, static_cast<const acc_t<T>*>(coef), act, training);
 }
 
 // SyncBatchNorm's pieces: local (mean, M2) in double; local (sum dy', sum dy' (x - mean)) in double; dx from the
@@ -347,7 +351,7 @@ void bn_launch_backward_elemt(Launch& launch, const BNPlan& p, BNShape s, const 
          static_cast<double*>(nullptr));
   if (s.N * s.C * s.L > 0)
     launch(dim3(static_cast<unsigned>(p.lines_grid)), dim3(p.threads), &bn_backward_dx_kernel<T>, dh, h, x, dx, s,
-           mean, static_cast<const acc_t<T>*>(coef), act);
+           mean, static_cast<const acc_t<T>*>(coef), act, true);
 }
 
 }  // namespace mmops::cuda
