@@ -1,7 +1,15 @@
 // The one schema block of the mmops library: every op, its arguments and what it mutates.
-// Kernels register per backend: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA); fake (meta) kernels and the
-// autograd formulas are registered from Python (mmops/functional.py).
+//
+// The ops are internal building blocks: each op family's torch.autograd.Function (mmops/_cross_entropy.py,
+// _batch_norm.py, _sync_batch_norm.py, _rnn.py) calls its forward op in forward() and its backward op in backward(),
+// and is the one autograd mechanism. An op is therefore not differentiable on its own: its Autograd kernel (below)
+// raises when called with grad mode on and an input that requires grad, instead of returning a result whose
+// backward would silently leave .grad as None.
+// Kernels register per backend: csrc/cpu/*.cpp (CPU); fake (meta) kernels are registered from Python, beside
+// each Function.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 // `import mmops._C` loads this library, which runs the registrations below.
@@ -24,7 +32,7 @@ TORCH_LIBRARY(mmops, m) {
   m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 
-  // ---- BatchNorm (activation: 0 none, 1 tanh, 2 relu) ---------------------------------------------------
+  // ---- BatchNorm (activation: 0 identity, 1 tanh, 2 relu: csrc/cpu/simd.h's Activation) -------------------
   // Returns act(BN(input)) and the mean and invstd it normalised with (batch statistics in training,
   // running statistics in eval); updates the running statistics in training.
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
@@ -42,7 +50,7 @@ TORCH_LIBRARY(mmops, m) {
   m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor mean, "
         "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count, bool bessel, int activation) -> Tensor");
 
-  // ---- RNN (nonlinearity: 0 tanh, 1 relu) ---------------------------------------------------------------
+  // ---- RNN (nonlinearity: 1 tanh, 2 relu: the same Activation codes) ----------------------------------------
   // The whole sequence: input (T, B, input_size) floats or (T, B) integer tokens (one-hot rows), hx (B, H);
   // returns every step's hidden state, (T, B, H) (h_n is its last row).
   m.def("rnn_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
@@ -56,4 +64,35 @@ TORCH_LIBRARY(mmops, m) {
         "Tensor? bias_hh, int nonlinearity) -> Tensor");
   m.def("rnn_cell_backward(Tensor grad_h, Tensor h, Tensor input, Tensor hx, Tensor weight_ih, "
         "Tensor weight_hh, int nonlinearity, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// The Autograd kernel of every mmops op: refuse an input that requires grad while grad mode is on (the op has no
+// derivative formula of its own), else go on to the backend kernel. Inside the Functions' forward and backward
+// grad mode is off, so this costs one flag test there.
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().requires_grad()), op.schema().name(),
+                  " is an internal building block of mmops and has no gradient of its own, but its argument '",
+                  args[i].name(), "' requires grad: call the public function (mmops.cross_entropy, mmops.batch_norm, "
+                  "mmops.rnn, mmops.rnn_cell or the mmops.nn modules), whose torch.autograd.Function computes the "
+                  "gradient, or call the op under torch.no_grad()");
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmops, Autograd, m) {
+  for (const char* name : {"cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_backward",
+                           "cross_entropy_scale_grad_", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats",
+                           "batch_norm_backward_reduce", "batch_norm_backward_elemt", "rnn_forward", "rnn_backward",
+                           "rnn_cell_forward", "rnn_cell_backward"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
 }

@@ -1,4 +1,7 @@
-"""Loads the compiled library (which registers torch.ops.mmops.*) and names the reduction codes."""
+"""Loads the compiled library (which registers torch.ops.mmops.*) and holds what every op family shares: the codes
+of the schema's int arguments, and the rule that the ops' gradients are first-order only."""
+import functools
+
 import torch
 
 from . import _C  # noqa: F401  (registers the ops)
@@ -6,3 +9,29 @@ from . import _C  # noqa: F401  (registers the ops)
 ops = torch.ops.mmops
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's codes
+# The one activation vocabulary of BatchNorm's `activation` and the RNN's `nonlinearity` (csrc/cpu/simd.h).
+ACTIVATIONS = {None: 0, "tanh": 1, "relu": 2}
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32, returned in their own dtype
+
+
+def first_order_only(name: str):
+    """Decorates a Function's backward whose gradients are not themselves differentiable (the fused kernels
+    compute them in one pass, with no graph). torch.autograd.function.once_differentiable lets one case through
+    silently: with create_graph=True and a grad_output that does not require grad (a gradient penalty:
+    torch.autograd.grad(loss, x, create_graph=True)), the gradient simply has no second-order term. Here any
+    backward with create_graph=True raises, naming the op, before a wrong second derivative can be formed."""
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"{name}: double backward is not supported: its gradient comes from a fused kernel with no "
+                    f"graph of its own, so it cannot be differentiated again (create_graph=True). For second-order "
+                    f"derivatives, e.g. a gradient penalty, use the PyTorch op.")
+            with torch.no_grad():
+                return backward(ctx, *grad_outputs)
+
+        return wrapper
+
+    return wrap

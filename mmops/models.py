@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as MF
+from ._cross_entropy import cross_entropy
 from . import nn as mnn
-from ._ops import ops
+from ._ops import ACTIVATIONS, ops
 from .data import Vocab
 
 __all__ = ["MLP", "DeepMLP", "CharRNN", "TorchMLP", "build_model", "sample"]
@@ -53,7 +53,7 @@ class MLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         return [self.bn]
@@ -73,7 +73,7 @@ class MLP(nn.Module):
         embcat = E.index_select(0, X.view(-1)).view(n, -1)
         hprebn = embcat.mm(W1.t())
         h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
-                                                 momentum, bn.eps, bn.bessel, 1)
+                                                 momentum, bn.eps, bn.bessel, ACTIVATIONS["tanh"])
         logits = torch.addmm(b2, h, W2.t())
         loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
         # backward
@@ -151,7 +151,7 @@ class DeepMLP(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits = self.logits(X)
-        return logits if Y is None else MF.cross_entropy(logits, Y)
+        return logits if Y is None else cross_entropy(logits, Y)
 
     def tanh_layers(self) -> list[nn.Module]:
         """The modules whose output is a tanh: the fused BatchNorm+tanh ones, or the Tanh layers."""
@@ -181,7 +181,7 @@ class CharRNN(nn.Module):
 
     def forward(self, X: Tensor, Y: Tensor | None = None):
         logits, _ = self.run(X)
-        return logits if Y is None else MF.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        return logits if Y is None else cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
 
     def tanh_layers(self) -> list[nn.Module]:
         return []

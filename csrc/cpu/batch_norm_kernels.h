@@ -1,0 +1,38 @@
+// BatchNorm's CPU kernels on raw pointers (no torch header): each works on the rows [n0, n1) of a contiguous
+// (N, C, L) input ((N, C) is L = 1), so the entry points (batch_norm.cpp, sync_batch_norm.cpp) can split the rows
+// across threads and run a reduction and its elementwise pass in one parallel region (parallel.h).
+// The math they compute is written once, at the top of batch_norm.cpp. float runs the SIMD clones (AVX-512 /
+// AVX2 / SSE2, chosen at load time); double is the checking path.
+#pragma once
+#include <cstdint>
+
+namespace mmops::cpu::bn {
+
+struct Shape {
+  int64_t N, C, L;  // channel c of row n starts at (n * C + c) * L
+};
+
+// Statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2, in double.
+void stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1, double* S2);
+void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2);
+
+// h = act((x - m[c]) * a[c] + b[c]).
+void normalize(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a, const float* b,
+               int64_t n0, int64_t n1);
+void normalize(int64_t act, const double* x, double* h, Shape s, const double* m, const double* a, const double* b,
+               int64_t n0, int64_t n1);
+
+// The backward's sums: Sdy[c] += sum dy', Sdyx[c] += sum dy' (x - mean[c]), dy' = dh * act'(h), in double.
+void backward_sums(int64_t act, const float* dh, const float* h, const float* x, Shape s, const float* mean,
+                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx);
+void backward_sums(int64_t act, const double* dh, const double* h, const double* x, Shape s, const double* mean,
+                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx);
+
+// dx = A[c] dy' + B[c] (x - m[c]) + D[c] (batch statistics), or dx = A[c] dy' when B is null (eval mode: the
+// (x - mean) term is absent, not 0 * (x - mean), so a NaN or inf in x does not reach dx, as in PyTorch).
+void backward_dx(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s, const float* m,
+                 const float* A, const float* B, const float* D, int64_t n0, int64_t n1);
+void backward_dx(int64_t act, const double* dh, const double* h, const double* x, double* dx, Shape s,
+                 const double* m, const double* A, const double* B, const double* D, int64_t n0, int64_t n1);
+
+}  // namespace mmops::cpu::bn
