@@ -1,6 +1,7 @@
 """Builds mmops._C.
 
-CPU sources always; CUDA sources only where torch was built with CUDA and CUDA_HOME is set.
+CPU sources always; CUDA sources (csrc/cuda/*.cu) only where torch was built with CUDA and CUDA_HOME is set
+(MMOPS_NO_CUDA=1 skips them): a CPU-only install compiles exactly the CPU sources, as before.
 Flags, and why:
   -O3 -fopenmp           at::parallel_for is a header template: without -fopenmp it runs on one thread.
                          The extension links libgomp.so.1 by soname, so the loader reuses torch's copy
@@ -36,6 +37,8 @@ use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not Non
 ) != "1"
 
 if use_cuda and cuda_sources:
+    # Architectures: torch's default (the visible GPUs', or TORCH_CUDA_ARCH_LIST). The kernels are compile-checked
+    # for sm_80 and sm_90 (tests/test_cuda_compile.py).
     ext = cpp_extension.CUDAExtension(
         "mmops._C",
         cpu_sources + cuda_sources,
