@@ -14,8 +14,6 @@
 
 namespace mmops::cpu {
 
-constexpr int64_t kElementwiseBlock = 1 << 16;  // values per backwards step of the elementwise pass (256 KiB of f32)
-
 // Threads for `elements` values of work: one below 2 * kGrainElements (a fork/join costs more than the work),
 // and none nested inside another parallel region.
 inline int threads_for(int64_t elements) {
@@ -24,9 +22,7 @@ inline int threads_for(int64_t elements) {
 }
 
 // Runs reduce(n0, n1, partial) on each thread's rows, then combine(S1, S2) once with the per-channel totals of the
-// two sums (partial[0:C] and partial[C:2C] of every thread, added up), then elementwise(n0, n1) on the same rows,
-// walked back to front in blocks of about kElementwiseBlock values: the rows the reduction read last are the ones
-// still in this core's caches, so they are rewritten first, before the walk evicts them.
+// two sums (partial[0:C] and partial[C:2C] of every thread, added up), then elementwise(n0, n1) on the same rows.
 // Rows have `row_elements` values each; a phase with nothing to do is a lambda that does nothing.
 template <typename Reduce, typename Combine, typename Elementwise>
 void reduce_then_elementwise(int64_t N, int64_t C, int64_t row_elements, Reduce&& reduce, Combine&& combine,
@@ -51,8 +47,7 @@ void reduce_then_elementwise(int64_t N, int64_t C, int64_t row_elements, Reduce&
         }
       combine(S1.data(), S2.data());
     }
-    const int64_t block = std::max<int64_t>(1, kElementwiseBlock / std::max<int64_t>(row_elements, 1));
-    for (int64_t e = n1; e > n0; e -= block) elementwise(std::max(n0, e - block), e);
+    if (n0 < n1) elementwise(n0, n1);
   }
 }
 
