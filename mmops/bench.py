@@ -612,9 +612,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--quick", action="store_true", help="smallest sizes only, few rounds (a smoke test)")
     p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: each op on the GPU against PyTorch and torch.compile, in GB/s against the device's "
+                   "measured copy bandwidth (default cpu)")
     p.add_argument("--ftz-cost", action="store_true", help="time each ce/bn/rnn case with flush-to-zero off and on "
                    "(1 thread) instead: a ratio above 1 means subnormal results cost time on this CPU")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        from . import _cuda
+
+        try:
+            _cuda.require()
+        except RuntimeError as e:
+            p.error(str(e))
+        for r in _cuda.bench():
+            print(" | ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()))
+        return 0
     if args.ftz_cost:
         ops = ["ce", "bn", "rnn"] if args.op == "all" else [args.op]
         if not set(ops) <= set(FTZ_CASES):

@@ -136,8 +136,20 @@ def run_all() -> list[CmpRow]:
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(prog="python -m mmops check", description=__doc__).parse_args(argv)
-    rows = run_all()
+    p = argparse.ArgumentParser(prog="python -m mmops check", description=__doc__)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the cmp rows on the GPU through mmops' CUDA kernels (default cpu)")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        from . import _cuda
+
+        try:
+            _cuda.require()
+        except RuntimeError as e:
+            p.error(str(e))
+        rows = _cuda.check()
+    else:
+        rows = run_all()
     bad = [r.name for r in rows if not r.approx]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} approx" + (f"; NOT approx: {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0

@@ -255,3 +255,11 @@ def test_nproc_is_refused_under_torchrun(capsys, monkeypatch):
         cli_main(["train", "--nproc", "2"])
     assert e.value.code == 2
     assert "cannot be combined with torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+@pytest.mark.parametrize("cmd", ["check", "bench"])
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_code_2(cmd):
+    r = _run(cmd, "--device", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("torch sees no CUDA GPU (torch.cuda.is_available() is False)")
