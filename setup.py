@@ -42,7 +42,7 @@ if use_cuda and cuda_sources:
     ext = cpp_extension.CUDAExtension(
         "mmops._C",
         cpu_sources + cuda_sources,
-        extra_compile_args={"cxx": cxx_flags + ["-DMMOPS_WITH_CUDA"], "nvcc": ["-O3", "-DMMOPS_WITH_CUDA", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         extra_link_args=link_flags,
         include_dirs=[os.path.join(here, "csrc")],
     )
