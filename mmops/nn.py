@@ -157,7 +157,17 @@ def _check_rnn_args(name: str, input_size, hidden_size, bias, nonlinearity, num_
     nonlinearity_code(nonlinearity, f"mmops.nn.{name}")
 
 
-class RNN(nn.Module):
+class _RecurrentBase(nn.Module):
+    """What mmops.nn.RNN and RNNCell share with their torch twins: every parameter drawn from U(-1/sqrt(H), 1/sqrt(H))
+    in registration order (so one seed gives both modules the same weights)."""
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -stdv, stdv)
+
+
+class RNN(_RecurrentBase):
     """Drop-in for torch.nn.RNN on the fused sequence kernel: same constructor, parameter names (weight_ih_l0,
     weight_hh_l0, bias_ih_l0, bias_hh_l0, ..., and *_reverse for bidirectional), initialisation
     (U(-1/sqrt(H), 1/sqrt(H)), drawn in nn.RNN's order, so one seed gives both the same weights) and state_dict.
@@ -191,11 +201,6 @@ class RNN(nn.Module):
                     setattr(self, f"bias_ih_l{k}{suffix}", nn.Parameter(torch.empty(hidden_size, **kw)))
                     setattr(self, f"bias_hh_l{k}{suffix}", nn.Parameter(torch.empty(hidden_size, **kw)))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for w in self.parameters():
-            nn.init.uniform_(w, -stdv, stdv)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -277,7 +282,7 @@ class RNN(nn.Module):
         return (out.transpose(0, 1) if self.batch_first else out), h_n
 
 
-class RNNCell(nn.Module):
+class RNNCell(_RecurrentBase):
     """Drop-in for torch.nn.RNNCell on the fused kernel (one step: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)):
     same constructor, parameter names (weight_ih, weight_hh, bias_ih, bias_hh), initialisation and state_dict.
     forward(input, hx=None): input (B, input_size) or unbatched (input_size,); integer input (B,) is token ids."""
@@ -298,11 +303,6 @@ class RNNCell(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for w in self.parameters():
-            nn.init.uniform_(w, -stdv, stdv)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
