@@ -59,10 +59,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   const BNShape s = shape_of(input);
   TORCH_CHECK_VALUE(!training || s.N * s.L > 1, "mmops.batch_norm: expected more than 1 value per channel when "
                     "training, got input of shape ", input.sizes());
-  if (has(running_mean))
-    TORCH_CHECK_VALUE(running_mean->is_contiguous() && running_var->is_contiguous(),
-                      "mmops.batch_norm: running_mean and running_var must be contiguous");
+  TORCH_CHECK_VALUE(!training || eps > 0, "mmops.batch_norm: eps must be positive during training, got ", eps);
   const c10::cuda::CUDAGuard guard(input.device());
+  // Strided running statistics are updated in contiguous copies and written back (as the CPU kernel does).
+  const Tensor rm = has(running_mean) ? running_mean->contiguous() : Tensor();
+  const Tensor rv = has(running_var) ? running_var->contiguous() : Tensor();
   const Tensor x = input.contiguous();
   Tensor h = at::empty(x.sizes(), x.options());
   Tensor mean = at::empty({s.C}, x.options()), invstd = at::empty({s.C}, x.options());
@@ -74,9 +75,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     const BNPlan plan = bn_plan(s, num_sms());
     Tensor ws = workspace(x, bn_partial_bytes<T>(plan, s.C));
     bn_launch_forward(launch, plan, s, ptr<const T>(x), ptr<T>(h), ptr<const T>(w), ptr<const T>(b),
-                      ptr<T>(running_mean), ptr<T>(running_var), training, momentum, eps, bessel,
+                      ptr<T>(rm), ptr<T>(rv), training, momentum, eps, bessel,
                       static_cast<int>(activation), ptr<T>(mean), ptr<T>(invstd), ws.data_ptr());
   });
+  if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
+  if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
   return {h, mean, invstd};
 }
 
