@@ -24,7 +24,9 @@ def first_order_only(name: str):
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not torch.is_grad_enabled():  # the usual case: backward without create_graph, nothing to add
+                return backward(ctx, *grad_outputs)
+            if not torch.compiler.is_compiling():
                 raise RuntimeError(
                     f"{name}: double backward is not supported: its gradient comes from a fused kernel with no "
                     f"graph of its own, so it cannot be differentiated again (create_graph=True). For second-order "
