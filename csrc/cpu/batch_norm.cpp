@@ -31,6 +31,7 @@
 #include "cpu/batch_norm.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "op_args.h"
 
 namespace mmops::cpu::bn {
 
@@ -50,15 +51,6 @@ using at::Tensor;
 // NaN or inf among the values must reach the variance, the output and running_var, as in PyTorch.
 double non_negative(double v) { return v < 0 ? 0.0 : v; }
 
-void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& input) {
-  if (!has(t)) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "mmops.batch_norm: ", name, " should contain ",
-              input.size(1), " elements (one per channel), got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == input.scalar_type(), "mmops.batch_norm: ", name, " dtype ", t->scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(t->device() == input.device(), "mmops.batch_norm: ", name, " is on ", t->device(), " but input is on ",
-              input.device());
-}
 
 // mean, invstd and the running statistics of each channel from its shifted sums (S1, S2 about K[c]).
 template <typename T>
@@ -105,10 +97,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
                    "mmops.batch_norm: input must be float32 or float64 here, got ", input.scalar_type());
   TORCH_CHECK_VALUE(activation >= simd::kIdentity && activation <= simd::kRelu, "mmops.batch_norm: activation code ",
                     activation, " is not 0 (identity), 1 (tanh) or 2 (relu)");
-  check_param(weight, "weight", input);
-  check_param(bias, "bias", input);
-  check_param(running_mean, "running_mean", input);
-  check_param(running_var, "running_var", input);
+  args::batch_norm_param(weight, "weight", input);
+  args::batch_norm_param(bias, "bias", input);
+  args::batch_norm_param(running_mean, "running_mean", input);
+  args::batch_norm_param(running_var, "running_var", input);
   TORCH_CHECK(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be given "
               "together");
   TORCH_CHECK(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean and "

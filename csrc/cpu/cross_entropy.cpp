@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/simd.h"
+#include "op_args.h"
 
 namespace mmops {
 namespace {
@@ -454,35 +455,12 @@ void scale_rows_on_this_cpu(const double* g, double* out, int64_t rows, int64_t 
 
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction's values
 
+// The schema's checks (csrc/op_args.h) plus this backend's dtypes.
 void check_forward_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                  int64_t reduction, double label_smoothing) {
-  TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
+                        int64_t reduction, double label_smoothing) {
+  args::cross_entropy(input, target, weight, reduction, label_smoothing);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
                    "mmops.cross_entropy: input must be float32 or float64 here, got ", input.scalar_type());
-  TORCH_CHECK_VALUE(input.size(1) > 0, "mmops.cross_entropy: input has no classes (C = 0)");
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "mmops.cross_entropy: reduction code ", reduction,
-                    " is not 0 (none), 1 (mean) or 2 (sum)");
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "mmops.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(target.device() == input.device(), "mmops.cross_entropy: target is on ", target.device(),
-              " but input is on ", input.device());
-  if (at::isFloatingType(target.scalar_type())) {
-    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "mmops.cross_entropy: probability target must have the "
-                      "input's shape ", input.sizes(), ", got ", target.sizes());
-    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), "mmops.cross_entropy: probability target dtype ",
-                     target.scalar_type(), " does not match input dtype ", input.scalar_type());
-  } else {
-    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mmops.cross_entropy: class-index target must be int64, got ",
-                     target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: target must have "
-                      "shape (", input.size(0), ",) to match input ", input.sizes(), ", got ", target.sizes());
-  }
-  if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), "mmops.cross_entropy: weight must "
-                      "have shape (", input.size(1), ",) (one per class), got ", weight->sizes());
-    TORCH_CHECK(weight->device() == input.device(), "mmops.cross_entropy: weight is on ", weight->device(),
-                " but input is on ", input.device());
-  }
 }
 
 // The range check of every class-index target and the denominator of "mean" (the number of rows not

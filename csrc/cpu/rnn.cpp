@@ -49,6 +49,7 @@
 #include "cpu/gemm_avx512.h"
 #include "cpu/rnn_recurrence.h"
 #include "cpu/simd.h"
+#include "op_args.h"
 
 namespace mmops {
 namespace {
@@ -254,48 +255,14 @@ void scatter_add_rows(const int64_t* tok, const T* dpre, T* dw_t, int64_t H, int
 bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Shapes of the problem, from the arguments, with every check that names the argument.
-struct Dims {
-  int64_t T, B, I, H;
-  bool tokens;
-};
+using Dims = args::RnnDims;
 
+// The schema's checks (csrc/op_args.h) plus this backend's dtypes.
 Dims check_args(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act, const char* fn) {
-  TORCH_CHECK_VALUE(act == kTanh || act == kRelu, fn, ": nonlinearity code ", act, " is not 1 (tanh) or 2 (relu)");
-  const bool tokens = !at::isFloatingType(input.scalar_type());
-  TORCH_CHECK_TYPE(!tokens || input.scalar_type() == at::kLong || input.scalar_type() == at::kInt, fn,
-                   ": input must be floating point (T, B, input_size) or integer tokens (T, B), got ",
-                   input.scalar_type());
-  TORCH_CHECK_VALUE(input.dim() == (tokens ? 2 : 3), fn, ": expected ", tokens ? "token input of shape (T, B)" :
-                    "input of shape (T, B, input_size)", ", got ", input.sizes());
-  TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_hh.dim() == 2, fn, ": weight_ih and weight_hh must be 2-D, got ",
-                    w_ih.sizes(), " and ", w_hh.sizes());
-  const int64_t H = w_hh.size(0), I = w_ih.size(1);
-  const Dims d{input.size(0), input.size(1), I, H, tokens};
-  const at::ScalarType dt = w_ih.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, fn, ": weights must be float32 or float64, got ", dt);
-  TORCH_CHECK_VALUE(w_hh.size(1) == H, fn, ": weight_hh must be (hidden_size, hidden_size), got ", w_hh.sizes());
-  TORCH_CHECK_VALUE(w_ih.size(0) == H, fn, ": weight_ih has ", w_ih.size(0), " rows but hidden_size is ", H);
-  TORCH_CHECK_VALUE(tokens || input.size(2) == I, fn, ": input has input_size ", input.size(2),
-                    " but weight_ih expects ", I);
-  TORCH_CHECK_VALUE(hx.dim() == 2 && hx.size(0) == d.B && hx.size(1) == H, fn, ": hx must have shape (", d.B, ", ",
-                    H, "), got ", hx.sizes());
-  auto same = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " dtype ", t.scalar_type(), " does not match weight_ih ",
-                     dt);
-    TORCH_CHECK(t.device() == w_ih.device(), fn, ": ", name, " is on ", t.device(), " but weight_ih is on ",
-                w_ih.device());
-  };
-  same(w_hh, "weight_hh");
-  same(hx, "hx");
-  if (!tokens) same(input, "input");
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (!has(*b)) continue;
-    TORCH_CHECK_VALUE((*b)->dim() == 1 && (*b)->size(0) == H, fn, ": ", b == &b_ih ? "bias_ih" : "bias_hh",
-                      " must have shape (", H, ",), got ", (*b)->sizes());
-    same(**b, b == &b_ih ? "bias_ih" : "bias_hh");
-  }
-  TORCH_CHECK_VALUE(!tokens || I > 0, fn, ": token input needs input_size > 0");
+  const Dims d = args::rnn(input, hx, w_ih, w_hh, b_ih, b_hh, act, fn);
+  TORCH_CHECK_TYPE(w_ih.scalar_type() == at::kFloat || w_ih.scalar_type() == at::kDouble, fn,
+                   ": weights must be float32 or float64, got ", w_ih.scalar_type());
   return d;
 }
 

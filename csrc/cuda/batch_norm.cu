@@ -6,6 +6,7 @@
 
 #include "cuda/batch_norm.cuh"
 #include "cuda/launch.h"
+#include "op_args.h"
 
 namespace mmops::cuda {
 namespace {
@@ -19,15 +20,6 @@ void check_input(const Tensor& input, const char* fn) {
                     input.sizes());
 }
 
-void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& input) {
-  if (!has(t)) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == input.size(1), "mmops.batch_norm: ", name, " must have shape (",
-                    input.size(1), ",) (one per channel), got ", t->sizes());
-  TORCH_CHECK_TYPE(t->scalar_type() == input.scalar_type(), "mmops.batch_norm: ", name, " dtype ", t->scalar_type(),
-                   " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(t->device() == input.device(), "mmops.batch_norm: ", name, " is on ", t->device(), " but input is on ",
-              input.device());
-}
 
 void check_same(const Tensor& t, const char* name, const Tensor& input, const char* fn) {
   TORCH_CHECK_VALUE(t.sizes() == input.sizes(), fn, ": ", name, " ", t.sizes(), " must have the input's shape ",
@@ -48,10 +40,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   check_input(input, "mmops.batch_norm");
   TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "mmops.batch_norm: activation code ", activation,
                     " is not 0 (none), 1 (tanh) or 2 (relu)");
-  check_param(weight, "weight", input);
-  check_param(bias, "bias", input);
-  check_param(running_mean, "running_mean", input);
-  check_param(running_var, "running_var", input);
+  args::batch_norm_param(weight, "weight", input);
+  args::batch_norm_param(bias, "bias", input);
+  args::batch_norm_param(running_mean, "running_mean", input);
+  args::batch_norm_param(running_var, "running_var", input);
   TORCH_CHECK_VALUE(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be "
                     "given together");
   TORCH_CHECK_VALUE(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean "
@@ -91,7 +83,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   check_input(input, "mmops.batch_norm backward");
   check_same(grad_out, "grad_output", input, "mmops.batch_norm backward");
   check_same(output, "output", input, "mmops.batch_norm backward");
-  check_param(weight, "weight", input);
+  args::batch_norm_param(weight, "weight", input);
   const BNShape s = shape_of(input);
   const c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();

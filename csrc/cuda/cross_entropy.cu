@@ -11,40 +11,18 @@
 
 #include "cuda/cross_entropy.cuh"
 #include "cuda/launch.h"
+#include "op_args.h"
 
 namespace mmops::cuda {
 namespace {
 
 using at::Tensor;
 
+// The schema's checks (csrc/op_args.h) plus this backend's limit on C.
 void check_common(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight, int64_t reduction,
                   double label_smoothing) {
-  TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
-  TORCH_CHECK_VALUE(input.size(1) > 0, "mmops.cross_entropy: input has no classes (C = 0)");
+  args::cross_entropy(input, target, weight, reduction, label_smoothing);
   TORCH_CHECK_VALUE(input.size(1) < INT_MAX, "mmops.cross_entropy: C = ", input.size(1), " classes: at most 2^31 - 2");
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "mmops.cross_entropy: reduction code ", reduction,
-                    " is not 0 (none), 1 (mean) or 2 (sum)");
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "mmops.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(target.device() == input.device(), "mmops.cross_entropy: target is on ", target.device(),
-              " but input is on ", input.device());
-  if (at::isFloatingType(target.scalar_type())) {
-    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "mmops.cross_entropy: probability target must have the "
-                      "input's shape ", input.sizes(), ", got ", target.sizes());
-    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), "mmops.cross_entropy: probability target dtype ",
-                     target.scalar_type(), " does not match input dtype ", input.scalar_type());
-  } else {
-    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mmops.cross_entropy: class-index target must be int64, got ",
-                     target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: target must have "
-                      "shape (", input.size(0), ",) to match input ", input.sizes(), ", got ", target.sizes());
-  }
-  if (has(weight)) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), "mmops.cross_entropy: weight must "
-                      "have shape (", input.size(1), ",) (one per class), got ", weight->sizes());
-    TORCH_CHECK(weight->device() == input.device(), "mmops.cross_entropy: weight is on ", weight->device(),
-                " but input is on ", input.device());
-  }
 }
 
 // The forward; the gradient into `grad` (undefined: none; may be x itself). Returns the loss.

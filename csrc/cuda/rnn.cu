@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cuda/launch.h"
+#include "op_args.h"
 #include "cuda/rnn.cuh"
 
 namespace mmops::cuda {
@@ -38,51 +39,8 @@ struct AtenGemm {
   }
 };
 
-struct Dims {
-  int64_t T, B, I, H;
-  bool tokens;
-};
+using Dims = args::RnnDims;
 
-Dims check_args(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act, const char* fn) {
-  TORCH_CHECK_VALUE(act == kTanh || act == kRelu, fn, ": nonlinearity code ", act, " is not 1 (tanh) or 2 (relu)");
-  const bool tokens = !at::isFloatingType(input.scalar_type());
-  TORCH_CHECK_TYPE(!tokens || input.scalar_type() == at::kLong || input.scalar_type() == at::kInt, fn,
-                   ": input must be floating point (T, B, input_size) or integer tokens (T, B), got ",
-                   input.scalar_type());
-  TORCH_CHECK_VALUE(input.dim() == (tokens ? 2 : 3), fn, ": expected ", tokens ? "token input of shape (T, B)" :
-                    "input of shape (T, B, input_size)", ", got ", input.sizes());
-  TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_hh.dim() == 2, fn, ": weight_ih and weight_hh must be 2-D, got ",
-                    w_ih.sizes(), " and ", w_hh.sizes());
-  const int64_t H = w_hh.size(0), I = w_ih.size(1);
-  const Dims d{input.size(0), input.size(1), I, H, tokens};
-  const at::ScalarType dt = w_ih.scalar_type();
-  TORCH_CHECK_VALUE(w_hh.size(1) == H, fn, ": weight_hh must be (hidden_size, hidden_size), got ", w_hh.sizes());
-  TORCH_CHECK_VALUE(w_ih.size(0) == H, fn, ": weight_ih has ", w_ih.size(0), " rows but hidden_size is ", H);
-  TORCH_CHECK_VALUE(tokens || input.size(2) == I, fn, ": input has input_size ", input.size(2),
-                    " but weight_ih expects ", I);
-  TORCH_CHECK_VALUE(hx.dim() == 2 && hx.size(0) == d.B && hx.size(1) == H, fn, ": hx must have shape (", d.B, ", ",
-                    H, "), got ", hx.sizes());
-  auto same = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " dtype ", t.scalar_type(), " does not match weight_ih ",
-                     dt);
-    TORCH_CHECK(t.device() == w_ih.device(), fn, ": ", name, " is on ", t.device(), " but weight_ih is on ",
-                w_ih.device());
-  };
-  same(w_hh, "weight_hh");
-  same(hx, "hx");
-  if (!tokens) same(input, "input");
-  else TORCH_CHECK(input.device() == w_ih.device(), fn, ": input is on ", input.device(), " but weight_ih is on ",
-                   w_ih.device());
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (!has(*b)) continue;
-    TORCH_CHECK_VALUE((*b)->dim() == 1 && (*b)->size(0) == H, fn, ": ", b == &b_ih ? "bias_ih" : "bias_hh",
-                      " must have shape (", H, ",), got ", (*b)->sizes());
-    same(**b, b == &b_ih ? "bias_ih" : "bias_hh");
-  }
-  TORCH_CHECK_VALUE(!tokens || I > 0, fn, ": token input needs input_size > 0");
-  return d;
-}
 
 // Token ids as int64 after one range check (one host sync).
 Tensor checked_tokens(const Tensor& input, int64_t I, const char* fn) {
@@ -94,7 +52,7 @@ Tensor checked_tokens(const Tensor& input, int64_t I, const char* fn) {
 
 Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act) {
-  const Dims d = check_args(input, hx, w_ih, w_hh, b_ih, b_hh, act, "mmops.rnn");
+  const Dims d = args::rnn(input, hx, w_ih, w_hh, b_ih, b_hh, act, "mmops.rnn");
   const c10::cuda::CUDAGuard guard(w_ih.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are internal: no autograd
   Tensor out = at::empty({d.T, d.B, d.H}, w_ih.options());
@@ -122,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
                                                                 const Tensor& input, const Tensor& hx,
                                                                 const Tensor& w_ih, const Tensor& w_hh, int64_t act,
                                                                 std::array<bool, 5> output_mask) {
-  const Dims d = check_args(input, hx, w_ih, w_hh, std::nullopt, std::nullopt, act, "mmops.rnn backward");
+  const Dims d = args::rnn(input, hx, w_ih, w_hh, std::nullopt, std::nullopt, act, "mmops.rnn backward");
   TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes() && output.dim() == 3 && output.size(0) == d.T &&
                     output.size(1) == d.B && output.size(2) == d.H, "mmops.rnn backward: grad_output ",
                     grad_output.sizes(), " and output ", output.sizes(), " must be (T, B, hidden_size)");

@@ -1,0 +1,106 @@
+// The argument checks of the op schemas (csrc/ops.cpp) that do not depend on the backend: one place for the CPU
+// kernels (csrc/cpu/*.cpp) and the CUDA launchers (csrc/cuda/*.cu). Each backend adds only what is its own (the
+// dtypes it computes in, index limits). TORCH_CHECK_* name the argument that is wrong.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace mmops::args {
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// cross_entropy_forward(_inplace): input (N, C) with C > 0, class-index (int64, (N,)) or probability (input's shape
+// and dtype) target, weight (C,), reduction 0/1/2, label_smoothing in [0, 1], all on the input's device.
+inline void cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          int64_t reduction, double label_smoothing) {
+  TORCH_CHECK_VALUE(input.dim() == 2, "mmops.cross_entropy: expected input of shape (N, C), got ", input.sizes());
+  TORCH_CHECK_VALUE(input.size(1) > 0, "mmops.cross_entropy: input has no classes (C = 0)");
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "mmops.cross_entropy: reduction code ", reduction,
+                    " is not 0 (none), 1 (mean) or 2 (sum)");
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "mmops.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(target.device() == input.device(), "mmops.cross_entropy: target is on ", target.device(),
+              " but input is on ", input.device());
+  if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "mmops.cross_entropy: probability target must have the "
+                      "input's shape ", input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), "mmops.cross_entropy: probability target dtype ",
+                     target.scalar_type(), " does not match input dtype ", input.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mmops.cross_entropy: class-index target must be int64, got ",
+                     target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: target must have "
+                      "shape (", input.size(0), ",) to match input ", input.sizes(), ", got ", target.sizes());
+  }
+  if (has(weight)) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), "mmops.cross_entropy: weight must "
+                      "have shape (", input.size(1), ",) (one per class), got ", weight->sizes());
+    TORCH_CHECK(weight->device() == input.device(), "mmops.cross_entropy: weight is on ", weight->device(),
+                " but input is on ", input.device());
+  }
+}
+
+// A per-channel BatchNorm argument (weight, bias, running stats): (C,), the input's dtype and device.
+inline void batch_norm_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input) {
+  if (!has(t)) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "mmops.batch_norm: ", name, " should contain ",
+              input.size(1), " elements (one per channel), got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == input.scalar_type(), "mmops.batch_norm: ", name, " dtype ", t->scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "mmops.batch_norm: ", name, " is on ", t->device(), " but input is on ",
+              input.device());
+}
+
+struct RnnDims {
+  int64_t T, B, I, H;
+  bool tokens;
+};
+
+// rnn_forward / rnn_backward: input (T, B, I) floats or (T, B) int64/int32 tokens, hx (B, H), weight_ih (H, I),
+// weight_hh (H, H), biases (H,), all of weight_ih's dtype and device; act 1 (tanh) or 2 (relu).
+inline RnnDims rnn(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t act,
+                   const char* fn) {
+  TORCH_CHECK_VALUE(act == 1 || act == 2, fn, ": nonlinearity code ", act, " is not 1 (tanh) or 2 (relu)");
+  const bool tokens = !at::isFloatingType(input.scalar_type());
+  TORCH_CHECK_TYPE(!tokens || input.scalar_type() == at::kLong || input.scalar_type() == at::kInt, fn,
+                   ": input must be floating point (T, B, input_size) or integer tokens (T, B), got ",
+                   input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == (tokens ? 2 : 3), fn, ": expected ", tokens ? "token input of shape (T, B)" :
+                    "input of shape (T, B, input_size)", ", got ", input.sizes());
+  TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_hh.dim() == 2, fn, ": weight_ih and weight_hh must be 2-D, got ",
+                    w_ih.sizes(), " and ", w_hh.sizes());
+  const int64_t H = w_hh.size(0), I = w_ih.size(1);
+  const RnnDims d{input.size(0), input.size(1), I, H, tokens};
+  const at::ScalarType dt = w_ih.scalar_type();
+  TORCH_CHECK_VALUE(w_hh.size(1) == H, fn, ": weight_hh must be (hidden_size, hidden_size), got ", w_hh.sizes());
+  TORCH_CHECK_VALUE(w_ih.size(0) == H, fn, ": weight_ih has ", w_ih.size(0), " rows but hidden_size is ", H);
+  TORCH_CHECK_VALUE(tokens || input.size(2) == I, fn, ": input has input_size ", input.size(2),
+                    " but weight_ih expects ", I);
+  TORCH_CHECK_VALUE(hx.dim() == 2 && hx.size(0) == d.B && hx.size(1) == H, fn, ": hx must have shape (", d.B, ", ",
+                    H, "), got ", hx.sizes());
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " dtype ", t.scalar_type(), " does not match weight_ih ",
+                     dt);
+    TORCH_CHECK(t.device() == w_ih.device(), fn, ": ", name, " is on ", t.device(), " but weight_ih is on ",
+                w_ih.device());
+  };
+  same(w_hh, "weight_hh");
+  same(hx, "hx");
+  if (!tokens) same(input, "input");
+  else TORCH_CHECK(input.device() == w_ih.device(), fn, ": input is on ", input.device(), " but weight_ih is on ",
+                   w_ih.device());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (!has(*b)) continue;
+    TORCH_CHECK_VALUE((*b)->dim() == 1 && (*b)->size(0) == H, fn, ": ", b == &b_ih ? "bias_ih" : "bias_hh",
+                      " must have shape (", H, ",), got ", (*b)->sizes());
+    same(**b, b == &b_ih ? "bias_ih" : "bias_hh");
+  }
+  TORCH_CHECK_VALUE(!tokens || I > 0, fn, ": token input needs input_size > 0");
+  return d;
+}
+
+}  // namespace mmops::args
