@@ -32,8 +32,9 @@ inline void cross_entropy(const at::Tensor& input, const at::Tensor& target, con
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mmops.cross_entropy: class-index target must be int64, got ",
                      target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: target must have "
-                      "shape (", input.size(0), ",) to match input ", input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "mmops.cross_entropy: expected target "
+                      "of shape (", input.size(0), ",) to match input ", input.sizes(), " (its batch size), got ",
+                      target.sizes());
   }
   if (has(weight)) {
     TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), "mmops.cross_entropy: weight must "

@@ -44,13 +44,17 @@ def _backward_elemt_fake(grad_output, output, input, weight, mean, invstd, sum_d
     return _like_input(input)
 
 
+# The overloads themselves: calling the OpOverloadPacket adds a Python step per call.
+_forward_op, _backward_op = ops.batch_norm_forward.default, ops.batch_norm_backward.default
+
+
 class BatchNormFunction(torch.autograd.Function):
     """act(BatchNorm(x)) in one forward kernel; the closed-form backward with the activation's derivative
     folded in, in one reduction pass and one elementwise pass. Input (N, C) or (N, C, L)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, bessel, act):
-        h, mean, invstd = ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum,
+        h, mean, invstd = _forward_op(input, weight, bias, running_mean, running_var, training, momentum,
                                                  eps, bessel, act)
         ctx.save_for_backward(input, h, weight, mean, invstd)
         ctx.flags = (training, bessel, act)
@@ -63,7 +67,7 @@ class BatchNormFunction(torch.autograd.Function):
         training, bessel, act = ctx.flags
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[1], need[2]]
-        dx, dw, db = ops.batch_norm_backward(grad_h, h, input, weight, mean, invstd, training, bessel, act, mask)
+        dx, dw, db = _backward_op(grad_h, h, input, weight, mean, invstd, training, bessel, act, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
                 None, None, None, None, None, None, None)
 
@@ -78,11 +82,12 @@ def activation_code(activation, fn: str) -> int:
     return code
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in, with no conversion
+
+
 def _check_per_channel(t, name: str, C: int, input: Tensor) -> None:
     if t is None:
         return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"mmops.batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.numel() != C or t.dim() != 1:
         raise RuntimeError(f"mmops.batch_norm: {name} should contain {C} elements (one per channel of the input "
                            f"{tuple(input.shape)}), not shape {tuple(t.shape)}")
@@ -115,12 +120,23 @@ def batch_norm(
     act = activation_code(activation, "mmops.batch_norm")
     if not isinstance(input, Tensor):
         raise TypeError(f"mmops.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"mmops.batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+    dtype, dim = input.dtype, input.dim()
+    if dtype in _KERNEL_DTYPES and 2 <= dim <= 3 and input.numel() > 0:
+        # The usual call (makemore's: float32 (N, C)), with nothing to convert or reshape: the op checks the rest
+        # (per-channel shapes, dtypes and devices, running stats given together, eps, more than one value per
+        # channel; csrc/op_args.h and batch_norm.cpp) with the exception types and messages of the general path
+        # below, which does them in Python. At batch 32 each Python step here is a visible share of the call.
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                       float(momentum), float(eps), bool(bessel), act)
     if not input.is_floating_point():
         raise NotImplementedError(f"mmops.batch_norm: input must be a floating-point tensor, got {input.dtype}")
     if input.numel() == 0:  # no values: PyTorch's op defines what that means (an empty output)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return _ACTIVATION_FNS[act](out)
-    if input.dim() < 2:
+    if dim < 2:
         raise ValueError(f"mmops.batch_norm: expected input of shape (N, C, *), got {tuple(input.shape)}")
     C = input.shape[1]
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
@@ -136,15 +152,15 @@ def batch_norm(
         raise ValueError(f"mmops.batch_norm: expected more than 1 value per channel when training, got input of "
                          f"shape {tuple(input.shape)}")
 
-    x = input if input.dim() <= 3 else input.reshape(input.shape[0], C, -1)  # (N, C, *) as (N, C, L)
-    if input.dtype not in LOW_PRECISION:
+    x = input if dim <= 3 else input.reshape(input.shape[0], C, -1)  # (N, C, *) as (N, C, L)
+    if dtype not in LOW_PRECISION:
         out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
                                       float(eps), bool(bessel), act)
     else:  # computed in float32; the running statistics are updated in float32 copies and written back
         f32 = (lambda t: None if t is None else t.float())
         rm, rv = f32(running_mean), f32(running_var)
         out = BatchNormFunction.apply(x.float(), f32(weight), f32(bias), rm, rv, bool(training), float(momentum),
-                                      float(eps), bool(bessel), act).to(input.dtype)
+                                      float(eps), bool(bessel), act).to(dtype)
         if training and running_mean is not None:
             with torch.no_grad():
                 running_mean.copy_(rm)

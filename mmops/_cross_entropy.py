@@ -32,6 +32,10 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
+# The overloads themselves: calling the OpOverloadPacket adds a Python step per call.
+_forward_op, _backward_op = ops.cross_entropy_forward.default, ops.cross_entropy_backward.default
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused softmax + NLL on 2-D logits. The forward writes the gradient, already scaled for the reduction;
     the backward returns it as it is when grad_output is 1 (loss.backward()) and scales it otherwise.
@@ -45,7 +49,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # the target's gradient needs the logits (the caller turns inplace_backward off in that case)
         logits = input if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:
-            loss = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, False)[0]
+            loss = _forward_op(input, target, weight, reduction, ignore_index, label_smoothing, False)[0]
             ctx.save_for_backward(None, logits)
             return loss
         if inplace_backward:
@@ -53,7 +57,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(input)  # whatever else saved the logits must notice
             grad = input
         else:
-            loss, grad = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, True)
+            loss, grad = _forward_op(input, target, weight, reduction, ignore_index, label_smoothing, True)
         ctx.save_for_backward(grad, logits)
         return loss
 
@@ -68,7 +72,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ops.cross_entropy_scale_grad_(grad, grad_loss)
                 torch.autograd.graph.increment_version(grad)
             elif torch.compiler.is_compiling() or grad_loss.numel() != 1 or grad_loss.item() != 1.0:
-                grad = ops.cross_entropy_backward(grad, grad_loss)
+                grad = _backward_op(grad, grad_loss)
             # else: grad_output is 1 and the saved gradient is the answer (it is not modified, so a retained
             # graph can be run again).
         grad_target = _target_grad(logits, ctx, grad_loss) if logits is not None else None
@@ -85,6 +89,9 @@ def _target_grad(x: Tensor, ctx, grad_loss: Tensor) -> Tensor:
     if ctx.reduction == REDUCTIONS["mean"]:
         g.div_(x.shape[0])
     return g * (grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in, with no conversion
 
 
 def _fail(exc, msg: str):
@@ -114,6 +121,13 @@ def cross_entropy(
     red = REDUCTIONS.get(reduction)
     if red is None:
         _fail(ValueError, f"{reduction!r} is not a valid value for reduction ('none', 'mean' or 'sum')")
+    if (isinstance(input, Tensor) and isinstance(target, Tensor) and weight is None and not inplace_backward
+            and input.dtype in _KERNEL_DTYPES and target.dtype == torch.int64 and input.dim() == 2
+            and target.dim() == 1 and 0.0 <= label_smoothing <= 1.0):
+        # The usual call (makemore's: float32 (N, C) logits, int64 class indices): nothing to convert or reshape;
+        # the op checks the rest (batch sizes, C > 0, the targets' range; csrc/op_args.h) with the exception types
+        # and messages of the general path below. At batch 32 each Python step here is a visible share of the call.
+        return CrossEntropyFunction.apply(input, target, None, red, ignore_index, float(label_smoothing), False)
     if not isinstance(input, Tensor):
         _fail(TypeError, f"input must be a Tensor of logits, got {type(input).__name__}")
     if not input.is_floating_point():  # PyTorch's type for this: its log_softmax has no integer kernel
