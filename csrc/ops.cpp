@@ -12,10 +12,24 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
-// `import mmops._C` loads this library, which runs the registrations below.
+#include "cpu/output_cache.h"
+
+// `import mmops._C` loads this library, which runs the registrations below. Its two functions are about memory, not
+// tensors (the CPU output cache: csrc/cpu/output_cache.cpp), so they are plain module functions, not ops.
+static PyObject* empty_cache(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(mmops::cpu::empty_output_cache());
+}
+static PyObject* cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(mmops::cpu::output_cache_bytes());
+}
+
 extern "C" PyObject* PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"empty_cache", empty_cache, METH_NOARGS, "Frees the CPU output cache's blocks; returns the bytes freed."},
+      {"cache_bytes", cache_bytes, METH_NOARGS, "The bytes the CPU output cache holds now."},
+      {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mmops kernels (registered as torch.ops.mmops)",
-                                          -1, nullptr};
+                                          -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -7,6 +7,7 @@ modules. mmops.models, mmops.reference and mmops.testing are submodules (importe
 import importlib
 
 from . import _ops  # noqa: F401  (loads the library: torch.ops.mmops.*)
+from ._ops import empty_cache
 from . import nn
 from ._batch_norm import BatchNormFunction, batch_norm
 from ._cross_entropy import CrossEntropyFunction, cross_entropy
@@ -14,7 +15,7 @@ from ._rnn import RNNFunction, rnn, rnn_cell
 from ._sync_batch_norm import SyncBatchNormFunction
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "batch_norm", "rnn", "rnn_cell", "CrossEntropyFunction", "BatchNormFunction",
+__all__ = ["cross_entropy", "batch_norm", "rnn", "rnn_cell", "empty_cache", "CrossEntropyFunction", "BatchNormFunction",
            "RNNFunction", "SyncBatchNormFunction", "nn", "models", "reference", "testing"]
 
 _SUBMODULES = ("models", "reference", "testing", "data")

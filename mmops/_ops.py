@@ -4,7 +4,7 @@ import functools
 
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+from . import _C  # registers the ops
 
 ops = torch.ops.mmops
 
@@ -12,6 +12,14 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's codes
 # The one activation vocabulary of BatchNorm's `activation` and the RNN's `nonlinearity` (csrc/cpu/simd.h).
 ACTIVATIONS = {None: 0, "tanh": 1, "relu": 2}
 LOW_PRECISION = (torch.float16, torch.bfloat16)  # computed in float32, returned in their own dtype
+
+
+def empty_cache() -> int:
+    """Frees the blocks of mmops' CPU output cache and returns the bytes freed. Large outputs of the CPU ops (at
+    least 256 KB: BatchNorm's output and input gradient, cross-entropy's gradient) reuse freed blocks of the same
+    size instead of new pages, which cost a page fault each (csrc/cpu/output_cache.cpp); the cache holds at most
+    MMOPS_CPU_CACHE_MB megabytes (default 1024; 0 turns it off)."""
+    return _C.empty_cache()
 
 
 def first_order_only(name: str):

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu/batch_norm.h"
+#include "cpu/output_cache.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "op_args.h"
@@ -121,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
   const Tensor w = contiguous_param(weight), bb = contiguous_param(bias);
   const Tensor rm = contiguous_param(running_mean), rv = contiguous_param(running_var);
   const Tensor x = input.contiguous();
-  Tensor h = at::empty(x.sizes(), x.options());
+  Tensor h = empty_output(x.sizes(), x.scalar_type());
   Tensor mean = at::empty({s.C}, x.options());
   Tensor invstd = at::empty({s.C}, x.options());
 
@@ -172,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
   const Tensor w = contiguous_param(weight), mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   // Outputs that output_mask leaves out are returned empty (shape (0,)), not computed.
-  Tensor dx = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
+  Tensor dx = empty_output(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.scalar_type());
   Tensor dgamma = at::empty({output_mask[1] ? s.C : 0}, x.options());
   Tensor dbeta = at::empty({output_mask[2] ? s.C : 0}, x.options());
 

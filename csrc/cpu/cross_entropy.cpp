@@ -32,6 +32,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/output_cache.h"
 #include "cpu/simd.h"
 #include "op_args.h"
 
@@ -566,8 +567,8 @@ std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& input, const Tens
                                                  int64_t ignore_index, double label_smoothing, bool compute_grad) {
   check_forward_args(input, target, weight, reduction, label_smoothing);
   const c10::MaybeOwned<Tensor> x = input.expect_contiguous();
-  // at::detail::empty_cpu: these kernels are registered for the CPU only, so no dispatch is needed.
-  Tensor grad = compute_grad ? at::detail::empty_cpu(x->sizes(), x->scalar_type())
+  // empty_output / at::detail::empty_cpu: these kernels are registered for the CPU only, so no dispatch is needed.
+  Tensor grad = compute_grad ? cpu::empty_output(x->sizes(), x->scalar_type())
                              : at::detail::empty_cpu({0}, x->scalar_type());
   Tensor loss = ce_forward_impl(*x, target, weight, reduction, ignore_index, label_smoothing,
                                 compute_grad ? &grad : nullptr);
@@ -611,7 +612,7 @@ void scale_grad(const Tensor& grad, const Tensor& grad_output, Tensor& out) {
 }
 
 Tensor cross_entropy_backward(const Tensor& grad, const Tensor& grad_output) {
-  Tensor out = at::detail::empty_cpu(grad.sizes(), grad.scalar_type());
+  Tensor out = cpu::empty_output(grad.sizes(), grad.scalar_type());
   scale_grad(grad, grad_output, out);
   return out;
 }

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/output_cache.h"
 #include "cpu/batch_norm.h"
 #include "cpu/parallel.h"
 
@@ -93,7 +94,7 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& output, c
   const Tensor x = input.contiguous(), dh = grad_out.contiguous(), h = output.contiguous();
   const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdyx = sum_dy_xmu.to(at::kDouble).contiguous();
   const Tensor w = contiguous_param(weight), mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
-  Tensor dx = at::empty(x.sizes(), x.options());
+  Tensor dx = empty_output(x.sizes(), x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward_elemt", [&] {
     using T = scalar_t;
     std::vector<T> A(s.C), B(s.C), D(s.C);
