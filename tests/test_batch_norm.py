@@ -1,4 +1,8 @@
 """mmops.batch_norm / mmops.nn.BatchNorm1d against F.batch_norm (+ tanh/relu) and the reference chain."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,12 +54,13 @@ def test_matches_torch(shape, dtype, training, affine, activation, momentum):
     torch.testing.assert_close(rv1, rv2, **t)
 
 
-# float32 (N, C) takes the tiled path (channel tiles of 32 in registers, blocks of 64 rows, one parallel region):
-# these shapes cover full tiles with and without a tail, partial row blocks and the multi-threaded split.
-@pytest.mark.parametrize("shape", [(2000, 70), (333, 256), (65, 32), (4100, 33)])
+# float32 (N, C): the SIMD row loops (sums in double), one parallel region split by rows; these shapes cover widths
+# below, at and past a vector, and the multi-threaded split. test_streaming_passes runs them through the streaming
+# stores as well (channels that wrap inside a 16-float chunk: C = 7, 17, 70, 33).
+@pytest.mark.parametrize("shape", [(2000, 70), (333, 256), (65, 32), (4100, 33), (301, 7), (129, 17)])
 @pytest.mark.parametrize("activation", [None, "tanh", "relu"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
-def test_float32_tiled_path_matches_float64(shape, activation, offset):
+def test_float32_path_matches_float64(shape, activation, offset):
     C = shape[1]
     torch.manual_seed(0)
     # offset: the shifted sums must not cancel. The truth is float64 math on the float32 values.
@@ -80,6 +85,17 @@ def test_float32_tiled_path_matches_float64(shape, activation, offset):
         torch.testing.assert_close(a, e.float(), rtol=1e-3, atol=atol * shape[0] ** 0.5)
     torch.testing.assert_close(rm32, rm64.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rv32, rv64.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_passes():
+    """Large calls write their outputs with streaming stores (csrc/cpu/batch_norm_kernels.cpp); a threshold of 0
+    bytes sends every size through those passes, so the float32 and the torch-matrix tests run on them here."""
+    env = {**os.environ, "MMOPS_BN_STREAM_ABOVE_BYTES": "0"}
+    tests = [f"{__file__}::test_float32_path_matches_float64", f"{__file__}::test_matches_torch"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *tests], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
 
 
 def test_bessel_matches_reference_chain_cmp():

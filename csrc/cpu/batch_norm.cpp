@@ -25,7 +25,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/batch_norm.h"
@@ -39,6 +42,19 @@ namespace mmops::cpu::bn {
 Shape shape_of(const at::Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3 ? x.size(2) : 1}; }
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Whether an elementwise pass writes its output with streaming stores (batch_norm_kernels.h): when the bytes the call
+// reads and writes exceed the last-level cache, the output cannot stay in cache for the next op anyway, and an
+// ordinary store would first read each line of it from memory. MMOPS_BN_STREAM_ABOVE_BYTES sets another threshold
+// (the tests set 0 to run every size through the streaming passes).
+bool streams(int64_t bytes) {
+  static const int64_t threshold = [] {
+    if (const char* env = std::getenv("MMOPS_BN_STREAM_ABOVE_BYTES"); env && *env) return std::atoll(env);
+    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return llc > 0 ? static_cast<long long>(llc) : 32LL << 20;
+  }();
+  return bytes > threshold;
+}
 
 at::Tensor contiguous_param(const std::optional<at::Tensor>& t) {
   return has(t) ? t->contiguous() : at::Tensor();
@@ -155,7 +171,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
           }
           affine_coefficients(s.C, wp, bp, ip, a, b);
         },
-        [&](int64_t n0, int64_t n1) { normalize(activation, xp, hp, s, mp, a, b, n0, n1); });
+        [&](int64_t n0, int64_t n1) {
+          if (streams(2 * x.numel() * sizeof(T)) && normalize_streaming(activation, xp, hp, s, mp, a, b, n0, n1))
+            return;
+          normalize(activation, xp, hp, s, mp, a, b, n0, n1);
+        });
   });
   write_back_running_stats(running_mean, running_var, rm, rv);
   return {h, mean, invstd};
@@ -202,8 +222,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
           dx_coefficients(s.C, s.N * s.L, wp, ip, Sdy, Sdyx, bessel, A, B, D);
         },
         [&](int64_t n0, int64_t n1) {
-          if (dxp) backward_dx(activation, dhp, hp, xp, dxp, s, mp, A, training ? B : nullptr,
-                               D, n0, n1);
+          if (!dxp) return;
+          if (streams((activation ? 4 : 3) * x.numel() * sizeof(T)) &&
+              backward_dx_streaming(activation, dhp, hp, xp, dxp, s, mp, A, training ? B : nullptr, D, n0, n1))
+            return;
+          backward_dx(activation, dhp, hp, xp, dxp, s, mp, A, training ? B : nullptr, D, n0, n1);
         });
   });
   return {dx, dgamma, dbeta};

@@ -15,6 +15,12 @@
 
 #include "cpu/simd.h"
 
+#include <cstdint>
+#include <vector>
+#ifdef MMOPS_X86
+#include <immintrin.h>
+#endif
+
 namespace mmops::cpu::bn {
 namespace {
 
@@ -197,6 +203,119 @@ MMOPS_SIMD_CLONES void backward_dx(int64_t act, const float* dh, const float* h,
 void backward_dx(int64_t act, const double* dh, const double* h, const double* x, double* dx, Shape s,
                  const double* m, const double* A, const double* B, const double* D, int64_t n0, int64_t n1) {
   backward_dx_any(act, dh, h, x, dx, s, m, A, B, D, n0, n1);
+}
+
+// ---- non-temporal stores: the (N, C) float32 elementwise passes, flat ------------------------------------------
+// A streaming store needs a 64-byte aligned address, and a row of C = 200 floats is 800 bytes: so the pass walks the
+// rows' elements as one flat run, 16 at a time from the first aligned one, and element i's channel is c = i mod C.
+// The 16 coefficients of a chunk starting at channel c are read from copies extended by 16 (ext[j] = coef[j mod C]),
+// so a chunk that wraps past channel C - 1 needs no second load. Measured on an AMD EPYC Zen 4, 1 thread,
+// h = x * a + b over 26 MB: 2.1-2.3 ms with ordinary stores (each line of h is read before it is written), 1.4-1.6
+// ms streaming; over 3.3 MB (in cache) the same 0.17 ms either way.
+namespace {
+
+// coef (C,) -> C + 16 floats, ext[j] = coef[j mod C]
+MMOPS_INLINE void extend(const float* coef, int64_t C, float* ext) {
+  for (int64_t j = 0; j < C + 16; ++j) ext[j] = coef[j % C];
+}
+
+#ifdef MMOPS_X86
+typedef float vf16 __attribute__((vector_size(64)));
+MMOPS_AVX512 vf16 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// Runs op.one(i, c) on the elements before the first aligned one and after the last full chunk, and op.chunk(i, c)
+// on each aligned chunk of 16; c is element i's channel. (The ops are structs, not lambdas: a lambda does not
+// inherit this function's target and could not inline the AVX-512 intrinsics.)
+template <typename Op>
+MMOPS_AVX512 void flat_run(const Op& op, float* out, int64_t C, int64_t n0, int64_t n1) {
+  int64_t i = n0 * C, c = 0;
+  const int64_t end = n1 * C;
+  for (; i < end && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) {
+    op.one(i, c);
+    if (++c == C) c = 0;
+  }
+  for (; i + 16 <= end; i += 16) {
+    op.chunk(i, c);
+    for (c += 16; c >= C;) c -= C;
+  }
+  for (; i < end; ++i) {
+    op.one(i, c);
+    if (++c == C) c = 0;
+  }
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before another thread reads the output
+}
+
+template <int kAct>
+struct NormalizeOp {  // h = act((x - m) a + b)
+  const float *x, *me, *ae, *be;
+  float* h;
+  MMOPS_AVX512 void one(int64_t i, int64_t c) const { h[i] = simd::activate<kAct>((x[i] - me[c]) * ae[c] + be[c]); }
+  MMOPS_AVX512 void chunk(int64_t i, int64_t c) const {
+    _mm512_stream_ps(h + i, simd::activate<kAct>((load16(x + i) - load16(me + c)) * load16(ae + c) + load16(be + c)));
+  }
+};
+
+template <int kAct, bool kEval>
+struct DxOp {  // dx = A dy' + B (x - m) + D, or A dy' (kEval)
+  const float *dh, *h, *x, *Ae, *Be, *De, *me;
+  float* dx;
+  MMOPS_AVX512 void one(int64_t i, int64_t c) const {
+    const float g = Ae[c] * simd::act_grad<kAct>(dh[i], h[i]);
+    dx[i] = kEval ? g : g + Be[c] * (x[i] - me[c]) + De[c];
+  }
+  MMOPS_AVX512 void chunk(int64_t i, int64_t c) const {
+    const vf16 g = load16(Ae + c) * simd::act_grad<kAct>(load16(dh + i), kAct ? load16(h + i) : vf16{});
+    _mm512_stream_ps(dx + i, kEval ? g : g + load16(Be + c) * (load16(x + i) - load16(me + c)) + load16(De + c));
+  }
+};
+
+template <int kAct>
+MMOPS_AVX512_TARGET void normalize_stream(const float* x, float* h, int64_t C, const float* m, const float* a,
+                                          const float* b, int64_t n0, int64_t n1) {
+  std::vector<float> ext(3 * (C + 16));
+  float *me = ext.data(), *ae = me + C + 16, *be = ae + C + 16;
+  extend(m, C, me), extend(a, C, ae), extend(b, C, be);
+  flat_run(NormalizeOp<kAct>{x, me, ae, be, h}, h, C, n0, n1);
+}
+
+template <int kAct, bool kEval>
+MMOPS_AVX512_TARGET void dx_stream(const float* dh, const float* h, const float* x, float* dx, int64_t C,
+                                   const float* m, const float* A, const float* B, const float* D, int64_t n0,
+                                   int64_t n1) {
+  std::vector<float> ext(4 * (C + 16));
+  float *Ae = ext.data(), *Be = Ae + C + 16, *De = Be + C + 16, *me = De + C + 16;
+  extend(A, C, Ae);
+  if (!kEval) extend(B, C, Be), extend(D, C, De), extend(m, C, me);
+  flat_run(DxOp<kAct, kEval>{dh, h, x, Ae, Be, De, me, dx}, dx, C, n0, n1);
+}
+#endif
+
+}  // namespace
+
+bool normalize_streaming(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
+                         const float* b, int64_t n0, int64_t n1) {
+#ifdef MMOPS_X86
+  if (s.L != 1 || !simd::cpu_has_avx512()) return false;
+  simd::with_activation(act, [&](auto A) { normalize_stream<decltype(A)::value>(x, h, s.C, m, a, b, n0, n1); });
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool backward_dx_streaming(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
+                           const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
+#ifdef MMOPS_X86
+  if (s.L != 1 || !simd::cpu_has_avx512()) return false;
+  simd::with_activation(act, [&](auto a) {
+    constexpr int kAct = decltype(a)::value;
+    if (B == nullptr) dx_stream<kAct, true>(dh, h, x, dx, s.C, m, A, B, D, n0, n1);
+    else dx_stream<kAct, false>(dh, h, x, dx, s.C, m, A, B, D, n0, n1);
+  });
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace mmops::cpu::bn

@@ -35,4 +35,21 @@ void backward_dx(int64_t act, const float* dh, const float* h, const float* x, f
 void backward_dx(int64_t act, const double* dh, const double* h, const double* x, double* dx, Shape s,
                  const double* m, const double* A, const double* B, const double* D, int64_t n0, int64_t n1);
 
+// The two elementwise passes above for (N, C) float32 with non-temporal stores, for outputs that cannot stay in
+// cache (batch_norm.cpp decides): the output goes to memory without being read first. AVX-512 only; they return
+// false, having written nothing, where the CPU lacks it or the layout is not (N, C).
+bool normalize_streaming(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
+                         const float* b, int64_t n0, int64_t n1);
+bool backward_dx_streaming(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
+                           const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1);
+// double (the checking path) has none.
+inline bool normalize_streaming(int64_t, const double*, double*, Shape, const double*, const double*, const double*,
+                                int64_t, int64_t) {
+  return false;
+}
+inline bool backward_dx_streaming(int64_t, const double*, const double*, const double*, double*, Shape,
+                                  const double*, const double*, const double*, const double*, int64_t, int64_t) {
+  return false;
+}
+
 }  // namespace mmops::cpu::bn
