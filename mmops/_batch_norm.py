@@ -127,8 +127,9 @@ def batch_norm(
     if dtype in _KERNEL_DTYPES and 2 <= dim <= 3 and input.numel() > 0:
         # The usual call (makemore's: float32 (N, C)), with nothing to convert or reshape: the op checks the rest
         # (per-channel shapes, dtypes and devices, running stats given together, eps, more than one value per
-        # channel; csrc/op_args.h and batch_norm.cpp) with the exception types and messages of the general path
-        # below, which does them in Python. At batch 32 each Python step here is a visible share of the call.
+        # channel; csrc/op_args.h and batch_norm.cpp) with the exception types of the general path below, which
+        # does them in Python (the messages name the same argument). At batch 32 each Python step here is a
+        # visible share of the call.
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                        float(momentum), float(eps), bool(bessel), act)
     if not input.is_floating_point():

@@ -126,7 +126,8 @@ def cross_entropy(
             and target.dim() == 1 and 0.0 <= label_smoothing <= 1.0):
         # The usual call (makemore's: float32 (N, C) logits, int64 class indices): nothing to convert or reshape;
         # the op checks the rest (batch sizes, C > 0, the targets' range; csrc/op_args.h) with the exception types
-        # and messages of the general path below. At batch 32 each Python step here is a visible share of the call.
+        # of the general path below (the messages name the same argument). At batch 32 each Python step here is a
+        # visible share of the call.
         return CrossEntropyFunction.apply(input, target, None, red, ignore_index, float(label_smoothing), False)
     if not isinstance(input, Tensor):
         _fail(TypeError, f"input must be a Tensor of logits, got {type(input).__name__}")

@@ -236,3 +236,11 @@ def test_torch_compile_fullgraph():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_op_with_no_rows_in_eval_mode():
+    # the op itself (the public function hands empty input to PyTorch): no first row to read the shift from
+    h, mean, invstd = ops.batch_norm_forward(torch.empty(0, 3), None, None, torch.zeros(3), torch.ones(3), False, 0.1,
+                                             1e-5, False, 0)
+    assert h.shape == (0, 3)
+    torch.testing.assert_close(invstd, torch.full((3,), (1 + 1e-5) ** -0.5))

@@ -82,3 +82,10 @@ def test_limit_from_the_environment():
     held = int(_run(FREE_THREE, MMOPS_CPU_CACHE_MB="8"))  # room for two of the three blocks
     assert 0 < held <= 8 << 20
     assert int(_run(FREE_THREE)) >= 3 * 4096 * 200 * 4  # the default holds all three
+
+
+def test_copy_on_write_clone_of_a_cached_output():
+    # the data pointer is the block itself, so PyTorch can share the storage copy-on-write
+    y = mmops.batch_norm(torch.randn(*LARGE), None, None, training=True)
+    c = torch._lazy_clone(y)
+    torch.testing.assert_close(c, y)

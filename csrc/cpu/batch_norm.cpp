@@ -154,7 +154,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     // would turn the sums into inf - inf = NaN where PyTorch's mean is inf).
     std::vector<T> Kab(3 * s.C);  // one allocation for the three per-channel vectors
     T *K = Kab.data(), *a = K + s.C, *b = a + s.C;
-    for (int64_t c = 0; c < s.C; ++c) K[c] = std::isfinite(static_cast<double>(xp[c * s.L])) ? xp[c * s.L] : T(0);
+    // (an input with no values, possible in eval mode, has no first value: shift 0, and no row is read)
+    for (int64_t c = 0; c < s.C; ++c)
+      K[c] = s.N * s.L > 0 && std::isfinite(static_cast<double>(xp[c * s.L])) ? xp[c * s.L] : T(0);
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,
         [&](int64_t n0, int64_t n1, double* p) {

@@ -25,7 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <new>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -33,11 +33,13 @@ namespace mmops::cpu {
 namespace {
 
 constexpr size_t kMinBytes = size_t{256} << 10;
-constexpr size_t kHeader = 64;  // before the data: the block's size; keeps the data 64-byte aligned as PyTorch's
 
+// Every block this allocator made has its size in `sizes` while it is alive or cached; the data pointer is the
+// block itself (64-byte aligned, as PyTorch's), so PyTorch sees a simple data pointer (copy-on-write clones work).
 struct Cache {
   std::mutex mu;
-  std::vector<std::pair<size_t, void*>> blocks;  // (bytes, base), oldest first
+  std::vector<std::pair<size_t, void*>> blocks;  // cached: (bytes, block), oldest first
+  std::unordered_map<void*, size_t> sizes;
   size_t held = 0;
   size_t limit = 0;
 };
@@ -59,58 +61,68 @@ Cache& cache() {
   static Cache* c = [] {
     auto* made = new Cache;
     made->limit = limit_from_env();
-    // A child forked while another thread held the lock (a DataLoader worker) must not inherit it held.
-    pthread_atfork(nullptr, nullptr, [] { new (&cache().mu) std::mutex(); });
+    // fork() (a DataLoader worker) happens with the lock held, so the child inherits consistent lists and a lock
+    // it can take.
+    pthread_atfork([] { cache().mu.lock(); }, [] { cache().mu.unlock(); }, [] { cache().mu.unlock(); });
     return made;
   }();
   return *c;
 }
 
-void release(void* base) {
-  const size_t bytes = *static_cast<size_t*>(base);
+void release(void* block) {
   Cache& c = cache();
-  std::vector<void*> evicted;
+  std::vector<void*> freed;
   {
     std::lock_guard<std::mutex> lock(c.mu);
+    const size_t bytes = c.sizes.at(block);
     if (bytes > c.limit) {
-      evicted.push_back(base);
+      freed.push_back(block);
     } else {
       size_t drop = 0;
       while (c.held + bytes > c.limit) {
         c.held -= c.blocks[drop].first;
-        evicted.push_back(c.blocks[drop++].second);
+        freed.push_back(c.blocks[drop++].second);
       }
       c.blocks.erase(c.blocks.begin(), c.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
-      c.blocks.emplace_back(bytes, base);
+      c.blocks.emplace_back(bytes, block);
       c.held += bytes;
     }
+    for (void* p : freed) c.sizes.erase(p);
   }
-  for (void* p : evicted) std::free(p);  // outside the lock: munmap takes time
+  for (void* p : freed) std::free(p);  // outside the lock: munmap takes time
+}
+
+// Takes the most recently cached block of `bytes`, or nullptr.
+void* take(Cache& c, size_t bytes) {
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (size_t i = c.blocks.size(); i-- > 0;) {
+    if (c.blocks[i].first == bytes) {
+      void* block = c.blocks[i].second;
+      c.held -= bytes;
+      c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(i));
+      return block;
+    }
+  }
+  return nullptr;
 }
 
 struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Cache& c = cache();
     if (n < kMinBytes || c.limit == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHeader + 4095) / 4096 * 4096;
-    void* base = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(c.mu);
-      for (size_t i = c.blocks.size(); i-- > 0;) {  // the most recently freed block of this size
-        if (c.blocks[i].first == bytes) {
-          base = c.blocks[i].second;
-          c.held -= bytes;
-          c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(i));
-          break;
-        }
+    const size_t bytes = (n + 4095) / 4096 * 4096;
+    void* block = take(c, bytes);
+    if (block == nullptr) {
+      block = std::aligned_alloc(64, bytes);
+      if (block == nullptr) {  // the cached blocks of other sizes may be what is missing
+        empty_output_cache();
+        block = std::aligned_alloc(64, bytes);
       }
+      TORCH_CHECK(block != nullptr, "mmops: out of memory: could not allocate ", n, " bytes for an op's output");
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.sizes.emplace(block, bytes);
     }
-    if (base == nullptr) {
-      base = std::aligned_alloc(64, bytes);
-      TORCH_CHECK(base != nullptr, "mmops: out of memory: could not allocate ", n, " bytes for an op's output");
-      *static_cast<size_t*>(base) = bytes;
-    }
-    return {static_cast<char*>(base) + kHeader, base, &release, c10::Device(c10::DeviceType::CPU)};
+    return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
@@ -138,11 +150,12 @@ size_t empty_output_cache() {
     std::lock_guard<std::mutex> lock(c.mu);
     blocks.swap(c.blocks);
     c.held = 0;
+    for (auto& block : blocks) c.sizes.erase(block.second);
   }
   size_t freed = 0;
-  for (auto& [bytes, base] : blocks) {
+  for (auto& [bytes, block] : blocks) {
     freed += bytes;
-    std::free(base);
+    std::free(block);
   }
   return freed;
 }
