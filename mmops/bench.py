@@ -32,7 +32,7 @@ def _time_once(fn: Callable[[], None], inner: int) -> float:
 
 
 def interleaved(cands: dict[str, Callable[[], None]], rounds: int, target_s: float = 0.02) -> dict[str, dict]:
-    """Median seconds per call of each candidate over `rounds` interleaved rounds."""
+    """Median seconds per call of each candidate over `rounds` interleaved rounds (the order rotating per round)."""
     for fn in cands.values():  # warm up (and compile, for torch.compile candidates)
         for _ in range(3):
             fn()
@@ -41,9 +41,12 @@ def interleaved(cands: dict[str, Callable[[], None]], rounds: int, target_s: flo
         once = _time_once(fn, 1)
         inner[name] = max(1, int(target_s / max(once, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in cands}
-    for _ in range(rounds):
-        for name, fn in cands.items():
-            samples[name].append(_time_once(fn, inner[name]))
+    names = list(cands)
+    for r in range(rounds):
+        # the order rotates each round: a candidate that always followed the same one (say, one that frees large
+        # buffers) would carry that neighbour's after-effects in every sample
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(_time_once(cands[name], inner[name]))
     return {
         name: {"median_s": statistics.median(v), "min_s": min(v), "rounds": len(v), "calls_per_round": inner[name]}
         for name, v in samples.items()
