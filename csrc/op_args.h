@@ -2,11 +2,13 @@
 // kernels (csrc/cpu/*.cpp) and the CUDA launchers (csrc/cuda/*.cu). Each backend adds only what is its own (the
 // dtypes it computes in, index limits). TORCH_CHECK_* name the argument that is wrong.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace mmops::args {
 
@@ -53,6 +55,36 @@ inline void batch_norm_param(const std::optional<at::Tensor>& t, const char* nam
               " does not match input dtype ", input.scalar_type());
   TORCH_CHECK(t->device() == input.device(), "mmops.batch_norm: ", name, " is on ", t->device(), " but input is on ",
               input.device());
+}
+
+// batch_norm_forward: input (N, C) or (N, C, L), activation 0/1/2, the per-channel arguments, running statistics
+// given together (required in eval mode) and, in training, more than one value per channel, a positive eps and
+// running statistics that can be updated in place (not an expand()ed view).
+inline void batch_norm_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, bool training, double eps,
+                               int64_t activation) {
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, "mmops.batch_norm: expected input of shape (N, C) or "
+                    "(N, C, L), got ", input.sizes());
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "mmops.batch_norm: activation code ", activation,
+                    " is not 0 (identity), 1 (tanh) or 2 (relu)");
+  batch_norm_param(weight, "weight", input);
+  batch_norm_param(bias, "bias", input);
+  batch_norm_param(running_mean, "running_mean", input);
+  batch_norm_param(running_var, "running_var", input);
+  TORCH_CHECK(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be given "
+              "together");
+  TORCH_CHECK(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean and "
+              "running_var");
+  if (!training) return;
+  const int64_t n = input.size(0) * (input.dim() == 3 ? input.size(2) : 1);
+  TORCH_CHECK_VALUE(n > 1, "mmops.batch_norm: expected more than 1 value per channel when training, got input of "
+                    "shape ", input.sizes());
+  TORCH_CHECK_VALUE(eps > 0, "mmops.batch_norm: eps must be positive during training, got ", eps);
+  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}})
+    TORCH_CHECK(!has(*stat) || at::has_internal_overlap(**stat) != at::MemOverlap::Yes, "mmops.batch_norm: ", name,
+                " has elements that share memory (e.g. an expand()ed tensor), so it cannot be updated in place; pass a "
+                "tensor with one element per channel");
 }
 
 struct RnnDims {

@@ -20,7 +20,6 @@
 // channel. Both elementwise passes subtract the mean from x first, as the math does: with a + b*x forms,
 // x*a and b nearly cancel when |mean| >> std, and float32 loses the digits that matter (tested at mean 1000).
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -109,29 +108,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
                                                       const std::optional<Tensor>& running_mean,
                                                       const std::optional<Tensor>& running_var, bool training,
                                                       double momentum, double eps, bool bessel, int64_t activation) {
-  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, "mmops.batch_norm: expected input of shape (N, C) or "
-                    "(N, C, L), got ", input.sizes());
+  args::batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps, activation);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
                    "mmops.batch_norm: input must be float32 or float64 here, got ", input.scalar_type());
-  TORCH_CHECK_VALUE(activation >= simd::kIdentity && activation <= simd::kRelu, "mmops.batch_norm: activation code ",
-                    activation, " is not 0 (identity), 1 (tanh) or 2 (relu)");
-  args::batch_norm_param(weight, "weight", input);
-  args::batch_norm_param(bias, "bias", input);
-  args::batch_norm_param(running_mean, "running_mean", input);
-  args::batch_norm_param(running_var, "running_var", input);
-  TORCH_CHECK(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be given "
-              "together");
-  TORCH_CHECK(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean and "
-              "running_var");
   const Shape s = shape_of(input);
   const int64_t n = s.N * s.L;
-  TORCH_CHECK_VALUE(!training || n > 1, "mmops.batch_norm: expected more than 1 value per channel when training, got "
-                    "input of shape ", input.sizes());
-  TORCH_CHECK_VALUE(!training || eps > 0, "mmops.batch_norm: eps must be positive during training, got ", eps);
-  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}})
-    TORCH_CHECK(!training || !has(*stat) || at::has_internal_overlap(**stat) != at::MemOverlap::Yes, "mmops.batch_norm: ",
-                name, " has elements that share memory (e.g. an expand()ed tensor), so it cannot be updated in place; "
-                "pass a tensor with one element per channel");
 
   // Every per-channel argument is read through a contiguous pointer: views with other strides are copied (the
   // running statistics are updated in the copy and written back through the caller's view at the end).

@@ -37,21 +37,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
                                                       const std::optional<Tensor>& running_mean,
                                                       const std::optional<Tensor>& running_var, bool training,
                                                       double momentum, double eps, bool bessel, int64_t activation) {
-  check_input(input, "mmops.batch_norm");
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "mmops.batch_norm: activation code ", activation,
-                    " is not 0 (none), 1 (tanh) or 2 (relu)");
-  args::batch_norm_param(weight, "weight", input);
-  args::batch_norm_param(bias, "bias", input);
-  args::batch_norm_param(running_mean, "running_mean", input);
-  args::batch_norm_param(running_var, "running_var", input);
-  TORCH_CHECK_VALUE(has(running_mean) == has(running_var), "mmops.batch_norm: running_mean and running_var must be "
-                    "given together");
-  TORCH_CHECK_VALUE(training || has(running_mean), "mmops.batch_norm: eval mode (training=False) needs running_mean "
-                    "and running_var");
+  args::batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps, activation);
   const BNShape s = shape_of(input);
-  TORCH_CHECK_VALUE(!training || s.N * s.L > 1, "mmops.batch_norm: expected more than 1 value per channel when "
-                    "training, got input of shape ", input.sizes());
-  TORCH_CHECK_VALUE(!training || eps > 0, "mmops.batch_norm: eps must be positive during training, got ", eps);
   const c10::cuda::CUDAGuard guard(input.device());
   // Strided running statistics are updated in contiguous copies and written back (as the CPU kernel does).
   const Tensor rm = has(running_mean) ? running_mean->contiguous() : Tensor();
