@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import ACTIVATIONS, LOW_PRECISION, first_order_only, ops
+from ._ops import ACTIVATIONS, LOW_PRECISION, c_apply, first_order_only, ops, plain_autograd, unwrap_if_dead
 
 
 def _like_input(input):
@@ -83,6 +83,11 @@ def activation_code(activation, fn: str) -> int:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in, with no conversion
+_c_apply = c_apply(BatchNormFunction)
+
+
+def _unwrap(t):
+    return None if t is None else unwrap_if_dead(t)
 
 
 def _check_per_channel(t, name: str, C: int, input: Tensor) -> None:
@@ -124,14 +129,14 @@ def batch_norm(
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"mmops.batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
     dtype, dim = input.dtype, input.dim()
-    if dtype in _KERNEL_DTYPES and 2 <= dim <= 3 and input.numel() > 0:
+    if dtype in _KERNEL_DTYPES and 2 <= dim <= 3 and input.numel() > 0 and plain_autograd():
         # The usual call (makemore's: float32 (N, C)), with nothing to convert or reshape: the op checks the rest
         # (per-channel shapes, dtypes and devices, running stats given together, eps, more than one value per
         # channel; csrc/op_args.h and batch_norm.cpp) with the exception types of the general path below, which
         # does them in Python (the messages name the same argument). At batch 32 each Python step here is a
         # visible share of the call.
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                       float(momentum), float(eps), bool(bessel), act)
+        return _c_apply(unwrap_if_dead(input), _unwrap(weight), _unwrap(bias), _unwrap(running_mean),
+                        _unwrap(running_var), bool(training), float(momentum), float(eps), bool(bessel), act)
     if not input.is_floating_point():
         raise NotImplementedError(f"mmops.batch_norm: input must be a floating-point tensor, got {input.dtype}")
     if input.numel() == 0:  # no values: PyTorch's op defines what that means (an empty output)

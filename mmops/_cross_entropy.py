@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ops import LOW_PRECISION, REDUCTIONS, first_order_only, ops
+from ._ops import LOW_PRECISION, REDUCTIONS, c_apply, first_order_only, ops, plain_autograd, unwrap_if_dead
 
 
 @torch.library.register_fake("mmops::cross_entropy_forward")
@@ -92,6 +92,7 @@ def _target_grad(x: Tensor, ctx, grad_loss: Tensor) -> Tensor:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in, with no conversion
+_c_apply = c_apply(CrossEntropyFunction)
 
 
 def _fail(exc, msg: str):
@@ -123,12 +124,13 @@ def cross_entropy(
         _fail(ValueError, f"{reduction!r} is not a valid value for reduction ('none', 'mean' or 'sum')")
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and weight is None and not inplace_backward
             and input.dtype in _KERNEL_DTYPES and target.dtype == torch.int64 and input.dim() == 2
-            and target.dim() == 1 and 0.0 <= label_smoothing <= 1.0):
+            and target.dim() == 1 and 0.0 <= label_smoothing <= 1.0 and plain_autograd()):
         # The usual call (makemore's: float32 (N, C) logits, int64 class indices): nothing to convert or reshape;
         # the op checks the rest (batch sizes, C > 0, the targets' range; csrc/op_args.h) with the exception types
         # of the general path below (the messages name the same argument). At batch 32 each Python step here is a
         # visible share of the call.
-        return CrossEntropyFunction.apply(input, target, None, red, ignore_index, float(label_smoothing), False)
+        return _c_apply(unwrap_if_dead(input), unwrap_if_dead(target), None, red, ignore_index, float(label_smoothing),
+                        False)
     if not isinstance(input, Tensor):
         _fail(TypeError, f"input must be a Tensor of logits, got {type(input).__name__}")
     if not input.is_floating_point():  # PyTorch's type for this: its log_softmax has no integer kernel

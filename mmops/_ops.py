@@ -45,3 +45,28 @@ def first_order_only(name: str):
         return wrapper
 
     return wrap
+
+
+
+# torch.autograd.Function.apply's Python layer, taken apart for the drop-ins' usual call. That layer binds default
+# arguments (only for Functions with a setup_context: none here), hands the call to functorch when a transform
+# (vmap, grad, ...) is active, and otherwise unwraps the tensors left over from a finished transform ("dead
+# wrappers") and calls the C++ apply (torch._C._FunctionBase.apply), which builds the graph node. At batch 32 that
+# layer is a visible share of a whole forward+backward (AMD EPYC Zen 4, 2 threads, (32, 27) cross-entropy, 40
+# interleaved rounds: 47.6 us through Function.apply, 42.0 us without it; F.cross_entropy 39.9 us). The drop-ins do
+# the same work in fewer steps:
+#     if plain_autograd(): return c_apply(unwrap_if_dead(tensor), ..., non-tensor arguments)
+#     return Function.apply(...)
+# The graph node, its ctx and its backward are the Function's own either way.
+unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def plain_autograd() -> bool:
+    """True where Function.apply goes straight to the C++ apply: not traced by torch.compile, no functorch transform
+    active (torch.compile must see the public Function.apply to trace the Function)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def c_apply(function_cls):
+    """function_cls's C++ apply (torch._C._FunctionBase.apply bound to the class); only where plain_autograd()."""
+    return super(torch.autograd.Function, function_cls).apply

@@ -98,6 +98,43 @@ def test_streaming_passes():
     assert " passed" in out.stdout and "failed" not in out.stdout
 
 
+_SUMS_SCRIPT = """
+import sys, torch, mmops
+ops = torch.ops.mmops
+out = []
+for seed, (N, C, act, dtype) in enumerate([(2000, 70, 0, torch.float32), (333, 256, 1, torch.float32),
+                                           (4100, 33, 2, torch.float32), (515, 96, 1, torch.float64),
+                                           (47, 64, 0, torch.float32), (301, 7, 1, torch.float32)]):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=dtype) * 3 + 100
+    w, b = torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
+    rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5, False, act)
+    h = torch.tanh(torch.randn(N, C, generator=g, dtype=dtype))  # the same output in both runs
+    dh = torch.randn(N, C, generator=g, dtype=dtype)
+    _, dw, db = ops.batch_norm_backward(dh, h, x, w, mean, invstd, True, False, act, [False, True, True])
+    out.append([mean, invstd, rm, rv, dw, db])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_sums_are_bitwise_the_same_from_cache_and_from_memory(tmp_path):
+    # The statistics read data in cache in tiles of rows and data from memory row after row
+    # (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same order either way, so the statistics
+    # and running statistics (and the backward's sums) must not differ in a single bit (MMOPS_BN_STREAM_ABOVE_BYTES=0:
+    # every size takes the from-memory loops). A change of the summation order would move trained models' numbers.
+    root = os.path.dirname(os.path.dirname(__file__))
+    runs = {}
+    for name, extra in (("cached", {}), ("memory", {"MMOPS_BN_STREAM_ABOVE_BYTES": "0"})):
+        path = str(tmp_path / f"{name}.pt")
+        env = {k: v for k, v in os.environ.items() if k != "MMOPS_BN_STREAM_ABOVE_BYTES"}
+        subprocess.run([sys.executable, "-c", _SUMS_SCRIPT, path], env={**env, **extra}, cwd=root, check=True)
+        runs[name] = torch.load(path)
+    for case_cached, case_memory in zip(runs["cached"], runs["memory"]):
+        for a, b in zip(case_cached, case_memory):
+            assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_bessel_matches_reference_chain_cmp():
     n, C = 32, 64
     hprebn = torch.randn(n, C, dtype=torch.float64) * 3 + 1

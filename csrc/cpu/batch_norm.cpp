@@ -42,10 +42,11 @@ Shape shape_of(const at::Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// Whether an elementwise pass writes its output with streaming stores (batch_norm_kernels.h): when the bytes the call
-// reads and writes exceed the last-level cache, the output cannot stay in cache for the next op anyway, and an
-// ordinary store would first read each line of it from memory. MMOPS_BN_STREAM_ABOVE_BYTES sets another threshold
-// (the tests set 0 to run every size through the streaming passes).
+// Whether a call's data comes from memory rather than cache: when the bytes it reads and writes exceed the last-level
+// cache. Then the statistics read row after row, and the elementwise passes write with streaming stores
+// (batch_norm_kernels.h): the output cannot stay in cache for the next op anyway, and an ordinary store would first
+// read each line of it from memory. MMOPS_BN_STREAM_ABOVE_BYTES sets another threshold (the tests set 0 to run every
+// size through the from-memory loops).
 bool streams(int64_t bytes) {
   static const int64_t threshold = [] {
     if (const char* env = std::getenv("MMOPS_BN_STREAM_ABOVE_BYTES"); env && *env) return std::atoll(env);
@@ -54,6 +55,8 @@ bool streams(int64_t bytes) {
   }();
   return bytes > threshold;
 }
+
+Reads reads_for(int64_t bytes) { return streams(bytes) ? Reads::kFromMemory : Reads::kCached; }
 
 at::Tensor contiguous_param(const std::optional<at::Tensor>& t) {
   return has(t) ? t->contiguous() : at::Tensor();
@@ -138,10 +141,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     // (an input with no values, possible in eval mode, has no first value: shift 0, and no row is read)
     for (int64_t c = 0; c < s.C; ++c)
       K[c] = s.N * s.L > 0 && std::isfinite(static_cast<double>(xp[c * s.L])) ? xp[c * s.L] : T(0);
+    const int64_t call_bytes = 2 * x.numel() * sizeof(T);  // read x, write h
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,
         [&](int64_t n0, int64_t n1, double* p) {
-          if (training) stats(xp, s, K, n0, n1, p, p + s.C);
+          if (training) stats(xp, s, K, n0, n1, p, p + s.C, reads_for(call_bytes));
         },
         [&](const double* S1, const double* S2) {
           if (training) {
@@ -155,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
           affine_coefficients(s.C, wp, bp, ip, a, b);
         },
         [&](int64_t n0, int64_t n1) {
-          if (streams(2 * x.numel() * sizeof(T)) && normalize_streaming(activation, xp, hp, s, mp, a, b, n0, n1))
+          if (streams(call_bytes) && normalize_streaming(activation, xp, hp, s, mp, a, b, n0, n1))
             return;
           normalize(activation, xp, hp, s, mp, a, b, n0, n1);
         });

@@ -14,6 +14,8 @@ bool has(const std::optional<at::Tensor>& t);
 // A 1-D per-channel argument as a contiguous tensor (a view with any stride, e.g. w[::3] or an expanded scalar,
 // is copied; a contiguous one is returned as it is), or an undefined tensor when absent.
 at::Tensor contiguous_param(const std::optional<at::Tensor>& t);
+// How the statistics read a call's data, from the bytes the call reads and writes (batch_norm.cpp: streams).
+Reads reads_for(int64_t bytes);
 
 // dx = A dy' + B (x - mean) + D per channel, from the sums over all n values of each channel (Sdy = sum dy',
 // Sdyx = sum dy' (x - mean)), invstd ip and gamma wp (null: 1).

@@ -12,9 +12,13 @@ struct Shape {
   int64_t N, C, L;  // channel c of row n starts at (n * C + c) * L
 };
 
+// Where the statistics' input is: in cache (read in tiles of rows, faster there) or coming from memory (read row
+// after row, what the prefetchers keep up with). The sums are bitwise the same either way (batch_norm_kernels.cpp).
+enum class Reads { kCached, kFromMemory };
+
 // Statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2, in double.
-void stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1, double* S2);
-void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2);
+void stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);
+void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);
 
 // h = act((x - m[c]) * a[c] + b[c]).
 void normalize(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a, const float* b,

@@ -45,7 +45,10 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     double* mp = mean.mutable_data_ptr<double>();
     double* qp = m2.mutable_data_ptr<double>();
     reduce_then_elementwise(
-        s.N, s.C, s.C * s.L, [&](int64_t n0, int64_t n1, double* p) { stats(xp, s, K.data(), n0, n1, p, p + s.C); },
+        s.N, s.C, s.C * s.L,
+        [&](int64_t n0, int64_t n1, double* p) {
+          stats(xp, s, K.data(), n0, n1, p, p + s.C, reads_for(x.numel() * sizeof(T)));
+        },
         [&](const double* S1, const double* S2) {
           for (int64_t c = 0; c < s.C; ++c) {
             const double d1 = S1[c] / n, v = S2[c] - S1[c] * d1;
