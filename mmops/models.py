@@ -22,6 +22,10 @@ from . import nn as mnn
 from ._ops import ACTIVATIONS, ops
 from .data import Vocab
 
+# the overloads themselves (calling the OpOverloadPacket adds a Python step per call)
+_bn_forward, _bn_backward = ops.batch_norm_forward.default, ops.batch_norm_backward.default
+_ce_forward = ops.cross_entropy_forward.default
+
 __all__ = ["MLP", "DeepMLP", "CharRNN", "TextRNN", "TorchMLP", "build_model", "sample"]
 
 
@@ -65,30 +69,52 @@ class MLP(nn.Module):
         (Linear, BatchNorm1d, Tanh) would number it: the fused BatchNorm + tanh is layers 1 and 2."""
         return [("layer 2 (Tanh)", self.bn)]
 
+    # train_step's one-thread bound: n * H * (block_size * n_embd + vocab); 0.36M at the default batch 32, 1.5M at 128
+    ONE_THREAD_MACS = 1 << 20
+
     @torch.no_grad()
     def train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
         """One SGD step with the backward written out on the fused kernels; returns (loss, grads in
         parameters() order). Equal to loss.backward() + SGD (tests/test_models.py checks it), without an
-        autograd graph: this is the fast path of `python -m mmops train`."""
-        bn = self.bn
+        autograd graph: this is the fast path of `python -m mmops train`.
+
+        A small step runs on one thread (torch.set_num_threads(1), restored on return): its six GEMMs are tiny at
+        the notebooks' batch (32 x 30 x 200, 32 x 200 x 27: about 0.2 MFLOP each), and MKL's parallel region around
+        each costs more than it saves. Measured on an AMD EPYC Zen 4 with 2 threads, interleaved: batch 32, 149-164
+        us a step on one thread against 168-296 us on two; batch 128 level (314 / 312 us); batch 512, 956 against
+        710 us, so above MLP.ONE_THREAD_MACS multiply-adds per GEMM set the step keeps torch's threads. MKL gives the
+        same bits on one thread as on two for these shapes (tests/test_models.py), so the choice moves no number."""
         if not self.training:
             raise RuntimeError("MLP.train_step: the model is in eval mode; call model.train() first")
+        threads = torch.get_num_threads()
+        W1, W2 = self.fc1.weight, self.fc2.weight
+        one_thread = threads > 1 and X.shape[0] * W1.shape[0] * (W1.shape[1] + W2.shape[0]) <= self.ONE_THREAD_MACS
+        if not one_thread:
+            return self._train_step(X, Y, lr)
+        torch.set_num_threads(1)
+        try:
+            return self._train_step(X, Y, lr)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
+        bn = self.bn
         E, W1, W2, b2 = self.emb.weight, self.fc1.weight, self.fc2.weight, self.fc2.bias
         n = X.shape[0]
         momentum = bn._running_factor()  # BatchNorm1d's own rule (and it counts the batch)
         # forward: embcat -> hprebn -> h = tanh(BN(hprebn)) -> logits -> loss (+ dlogits, in the same pass)
         embcat = E.index_select(0, X.view(-1)).view(n, -1)
         hprebn = embcat.mm(W1.t())
-        h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
-                                                 momentum, bn.eps, bn.bessel, ACTIVATIONS["tanh"])
+        h, mean, invstd = _bn_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, momentum,
+                                      bn.eps, bn.bessel, ACTIVATIONS["tanh"])
         logits = torch.addmm(b2, h, W2.t())
-        loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
+        loss, dlogits = _ce_forward(logits, Y, None, 1, -100, 0.0, True)
         # backward
         dW2 = dlogits.t().mm(h)
         db2 = dlogits.sum(0)
         dh = dlogits.mm(W2)
-        dhprebn, dgamma, dbeta = ops.batch_norm_backward(dh, h, hprebn, bn.weight, mean, invstd, True, bn.bessel, 1,
-                                                         [True, True, True])
+        dhprebn, dgamma, dbeta = _bn_backward(dh, h, hprebn, bn.weight, mean, invstd, True, bn.bessel, 1,
+                                              [True, True, True])
         dW1 = dhprebn.t().mm(embcat)
         dembcat = dhprebn.mm(W1)
         dE = torch.zeros_like(E).index_add_(0, X.view(-1), dembcat.view(-1, E.shape[1]))

@@ -67,6 +67,36 @@ def test_mlp_train_step_equals_autograd_plus_sgd(bessel):
         torch.testing.assert_close(v1, v2, rtol=1e-9, atol=1e-12, msg=k)
 
 
+@pytest.mark.parametrize("batch", [32, 200])  # below and above MLP.ONE_THREAD_MACS
+def test_mlp_train_step_same_bits_on_one_thread_and_restores_threads(batch):
+    # train_step runs small steps on one thread; the numbers must be those of torch's threads, bit for bit (float32,
+    # as `python -m mmops train` runs it), and the thread count must be the caller's again afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = M.MLP(27)
+        b = copy.deepcopy(a)
+        g = torch.Generator().manual_seed(batch)
+        X, Y = torch.randint(0, 27, (batch, 3), generator=g), torch.randint(0, 27, (batch,), generator=g)
+        assert (batch * 200 * (30 + 27) <= M.MLP.ONE_THREAD_MACS) == (batch == 32)
+        loss_a, grads_a = a.train_step(X, Y, 0.1)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            loss_b, grads_b = b._train_step(X, Y, 0.1)  # the step's body on one thread, whatever the size
+        torch.set_num_threads(2)
+        assert torch.equal(loss_a, loss_b)
+        for ga, gb in zip(grads_a, grads_b):
+            assert torch.equal(ga, gb)
+        for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v1, v2), k
+        with pytest.raises(RuntimeError, match="eval mode"):
+            a.eval().train_step(X, Y, 0.1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _torch_deep_twin(m: M.DeepMLP):
     """The same stack on nn.BatchNorm1d + nn.Tanh (BatchNorm's fused tanh split back out), same weights."""
     layers = []
