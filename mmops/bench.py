@@ -1,7 +1,8 @@
 """`python -m mmops bench`: forward+backward timings, candidates interleaved in one process.
 
 Each candidate is a closure that runs forward and backward once. Candidates of one size are timed in
-rounds, round-robin (A B C A B C ...), so that drift in a noisy machine hits all of them alike; the table
+rounds, each candidate once per round in a shuffled order (A C B, B A C, ...), so that drift in a noisy machine hits
+all of them alike and no candidate always follows the same neighbour; the table
 reports each one's median over rounds and its ratio to the PyTorch op (ratio > 1: faster than PyTorch).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -33,7 +35,7 @@ def _time_once(fn: Callable[[], None], inner: int) -> float:
 
 
 def interleaved(cands: dict[str, Callable[[], None]], rounds: int, target_s: float = 0.02) -> dict[str, dict]:
-    """Median seconds per call of each candidate over `rounds` interleaved rounds (the order rotating per round)."""
+    """Median seconds per call of each candidate over `rounds` interleaved rounds (in a shuffled order each round)."""
     for fn in cands.values():  # warm up (and compile, for torch.compile candidates)
         for _ in range(3):
             fn()
@@ -43,10 +45,13 @@ def interleaved(cands: dict[str, Callable[[], None]], rounds: int, target_s: flo
         inner[name] = max(1, int(target_s / max(once, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in cands}
     names = list(cands)
+    order = random.Random(0)
     for r in range(rounds):
-        # the order rotates each round: a candidate that always followed the same one (say, one that frees large
-        # buffers) would carry that neighbour's after-effects in every sample
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        # a fresh order each round (seeded): a candidate that always followed the same one (say, one that frees large
+        # buffers) would carry that neighbour's after-effects in every sample. (Rotating the list is not enough: it
+        # keeps every candidate's neighbour; --ftz-cost's "off" of one op always followed the previous op's "on".)
+        order.shuffle(names)
+        for name in names:
             samples[name].append(_time_once(cands[name], inner[name]))
     return {
         name: {"median_s": statistics.median(v), "min_s": min(v), "rounds": len(v), "calls_per_round": inner[name]}
@@ -548,7 +553,7 @@ def write_results(name: str, rows: list[dict], table: str) -> None:
     # the generated table goes between the markers; hand-written sections around it are kept
     md = os.path.join(RESULTS_DIR, f"{name}.md")
     block = (f"<!-- bench table -->\n`python -m mmops bench --op {name}`: forward+backward, float32, dense random "
-             f"grad_output, candidates interleaved round-robin, medians.\n\n{table}\n<!-- /bench table -->")
+             f"grad_output, candidates interleaved (each round in a shuffled order), medians.\n\n{table}\n<!-- /bench table -->")
     old = open(md).read() if os.path.isfile(md) else ""
     start, end = old.find("<!-- bench table -->"), old.find("<!-- /bench table -->")
     text = old[:start] + block + old[end + len("<!-- /bench table -->"):] if 0 <= start < end else block + "\n"
