@@ -47,7 +47,6 @@ def first_order_only(name: str):
     return wrap
 
 
-
 # torch.autograd.Function.apply's Python layer, taken apart for the drop-ins' usual call. That layer binds default
 # arguments (only for Functions with a setup_context: none here), hands the call to functorch when a transform
 # (vmap, grad, ...) is active, and otherwise unwraps the tensors left over from a finished transform ("dead
@@ -57,14 +56,18 @@ def first_order_only(name: str):
 # the same work in fewer steps:
 #     if plain_autograd(): return c_apply(unwrap_if_dead(tensor), ..., non-tensor arguments)
 #     return Function.apply(...)
-# The graph node, its ctx and its backward are the Function's own either way.
-unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# The graph node, its ctx and its backward are the Function's own either way. A torch without these private hooks
+# (torch 2.11 to 2.13 have them) takes the public Function.apply every time.
+_functorch = getattr(torch._C, "_functorch", None)
+unwrap_if_dead = getattr(_functorch, "unwrap_if_dead", None)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_HAVE_HOOKS = unwrap_if_dead is not None and _transforms_active is not None
 
 
 def plain_autograd() -> bool:
     """True where Function.apply goes straight to the C++ apply: not traced by torch.compile, no functorch transform
     active (torch.compile must see the public Function.apply to trace the Function)."""
-    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    return _HAVE_HOOKS and not torch.compiler.is_compiling() and not _transforms_active()
 
 
 def c_apply(function_cls):
