@@ -86,10 +86,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in, 
 _c_apply = c_apply(BatchNormFunction)
 
 
-def _unwrap(t):
-    return None if t is None else unwrap_if_dead(t)
-
-
 def _check_per_channel(t, name: str, C: int, input: Tensor) -> None:
     if t is None:
         return
@@ -135,8 +131,11 @@ def batch_norm(
         # channel; csrc/op_args.h and batch_norm.cpp) with the exception types of the general path below, which
         # does them in Python (the messages name the same argument). At batch 32 each Python step here is a
         # visible share of the call.
-        return _c_apply(unwrap_if_dead(input), _unwrap(weight), _unwrap(bias), _unwrap(running_mean),
-                        _unwrap(running_var), bool(training), float(momentum), float(eps), bool(bessel), act)
+        u = unwrap_if_dead
+        return _c_apply(u(input), weight if weight is None else u(weight), bias if bias is None else u(bias),
+                        running_mean if running_mean is None else u(running_mean),
+                        running_var if running_var is None else u(running_var), bool(training), float(momentum),
+                        float(eps), bool(bessel), act)
     if not input.is_floating_point():
         raise NotImplementedError(f"mmops.batch_norm: input must be a floating-point tensor, got {input.dtype}")
     if input.numel() == 0:  # no values: PyTorch's op defines what that means (an empty output)
