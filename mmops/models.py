@@ -82,8 +82,9 @@ class MLP(nn.Module):
         the notebooks' batch (32 x 30 x 200, 32 x 200 x 27: about 0.2 MFLOP each), and MKL's parallel region around
         each costs more than it saves. Measured on an AMD EPYC Zen 4 with 2 threads, interleaved: batch 32, 149-164
         us a step on one thread against 168-296 us on two; batch 128 level (314 / 312 us); batch 512, 956 against
-        710 us, so above MLP.ONE_THREAD_MACS multiply-adds per GEMM set the step keeps torch's threads. MKL gives the
-        same bits on one thread as on two for these shapes (tests/test_models.py), so the choice moves no number."""
+        710 us, so above MLP.ONE_THREAD_MACS multiply-adds per GEMM set the step keeps torch's threads. On that machine
+        MKL gives the same bits on one thread as on two for these shapes (compared for batch 32, 128 and 512; the
+        default run's losses did not move), so there the choice moves no number."""
         if not self.training:
             raise RuntimeError("MLP.train_step: the model is in eval mode; call model.train() first")
         threads = torch.get_num_threads()
