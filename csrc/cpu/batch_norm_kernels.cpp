@@ -36,6 +36,18 @@ namespace {
 // against 210-219, normalize 111-143 against 99-106 at (4096, 200)), so those stay row loops.
 constexpr int64_t kTileRows = 16, kTileChannels = 32;
 
+// One row's channels [c0, c1) added to the sums: the statistics' one body, for the row loop and the tiles' last
+// channels.
+template <typename T>
+MMOPS_INLINE void stats_row(const T* r, const T* K, int64_t c0, int64_t c1, double* S1, double* S2) {
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const double d = static_cast<double>(r[c]) - static_cast<double>(K[c]);
+    S1[c] += d;
+    S2[c] += d * d;
+  }
+}
+
 template <typename T>
 MMOPS_INLINE void stats_tiles(const T* x, int64_t C, const T* K, int64_t n0, int64_t n1, double* S1, double* S2) {
   const int64_t tiled_c = C - C % kTileChannels;
@@ -55,15 +67,7 @@ MMOPS_INLINE void stats_tiles(const T* x, int64_t C, const T* K, int64_t n0, int
 #pragma omp simd
     for (int64_t c = 0; c < kTileChannels; ++c) S1[c0 + c] = a[c], S2[c0 + c] = b[c];
   }
-  for (int64_t n = n0; n < n1; ++n) {  // the channels past the last full tile
-    const T* r = x + n * C;
-#pragma omp simd
-    for (int64_t c = tiled_c; c < C; ++c) {
-      const double d = static_cast<double>(r[c]) - static_cast<double>(K[c]);
-      S1[c] += d;
-      S2[c] += d * d;
-    }
-  }
+  for (int64_t n = n0; n < n1; ++n) stats_row(x + n * C, K, tiled_c, C, S1, S2);  // past the last full tile
 }
 
 template <typename T>
@@ -71,19 +75,12 @@ MMOPS_INLINE void stats_rows(const T* x, Shape s, const T* K, int64_t n0, int64_
                              Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1 && reads == Reads::kCached && C >= kTileChannels) {
-    for (int64_t n = n0; n < n1; n += kTileRows) stats_tiles(x, C, K, n, n + kTileRows < n1 ? n + kTileRows : n1, S1, S2);
+    for (int64_t n = n0; n < n1; n += kTileRows)
+      stats_tiles(x, C, K, n, n + kTileRows < n1 ? n + kTileRows : n1, S1, S2);
     return;
   }
   if (L == 1) {  // (N, C): vectorise across the channels of a row, row after row (see the top of the file)
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* r = x + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = static_cast<double>(r[c]) - static_cast<double>(K[c]);
-        S1[c] += d;
-        S2[c] += d * d;
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n) stats_row(x + n * C, K, 0, C, S1, S2);
     return;
   }
   for (int64_t n = n0; n < n1; ++n)  // (N, C, L): vectorise along L
