@@ -12,21 +12,28 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include "cpu/batch_norm.h"
 #include "cpu/output_cache.h"
 
-// `import mmops._C` loads this library, which runs the registrations below. Its two functions are about memory, not
-// tensors (the CPU output cache: csrc/cpu/output_cache.cpp), so they are plain module functions, not ops.
+// `import mmops._C` loads this library, which runs the registrations below. Its functions are about memory, not
+// tensors (the CPU output cache: csrc/cpu/output_cache.cpp; BatchNorm's from-memory threshold: csrc/cpu/
+// batch_norm.cpp), so they are plain module functions, not ops.
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(mmops::cpu::empty_output_cache());
 }
 static PyObject* cache_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(mmops::cpu::output_cache_bytes());
 }
+static PyObject* bn_from_memory_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(mmops::cpu::bn::from_memory_threshold());
+}
 
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"empty_cache", empty_cache, METH_NOARGS, "Frees the CPU output cache's blocks; returns the bytes freed."},
       {"cache_bytes", cache_bytes, METH_NOARGS, "The bytes the CPU output cache holds now."},
+      {"bn_from_memory_bytes", bn_from_memory_bytes, METH_NOARGS,
+       "The bytes a BatchNorm call reads and writes above which it takes its from-memory loops."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mmops kernels (registered as torch.ops.mmops)",
                                           -1, methods};

@@ -135,6 +135,40 @@ def test_sums_are_bitwise_the_same_from_cache_and_from_memory(tmp_path):
             assert torch.equal(a, b), (a - b).abs().max()
 
 
+def _sysfs_last_level_cache_bytes():
+    """The L3 size the kernel describes for cpu0, or None."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    for index in range(8):
+        try:
+            with open(f"{root}/index{index}/level") as f_level, open(f"{root}/index{index}/size") as f_size:
+                level, size = int(f_level.read()), f_size.read().strip()
+        except OSError:
+            return None
+        if level == 3:
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
+            return int(size.rstrip("KM")) * scale
+    return None
+
+
+def test_from_memory_threshold_is_the_last_level_cache_at_most_32_mib(tmp_path):
+    # The threshold above which BatchNorm takes its from-memory loops (streaming stores, statistics row after row)
+    # is the L3 that sysfs describes, capped at 32 MiB; glibc's sysconf figure can be the host's (320 MB on an AMD
+    # EPYC VM whose sysfs says 32 MB), with which no call ever streamed. Run in a fresh process without the variable
+    # that overrides it (the threshold is read once per process).
+    env = {k: v for k, v in os.environ.items() if k != "MMOPS_BN_STREAM_ABOVE_BYTES"}
+    code = "import mmops; print(mmops._C.bn_from_memory_bytes())"
+    root = os.path.dirname(os.path.dirname(__file__))
+    got = int(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True, capture_output=True,
+                             text=True).stdout)
+    assert 0 < got <= 32 << 20
+    sysfs = _sysfs_last_level_cache_bytes()
+    if sysfs is not None:
+        assert got == min(sysfs, 32 << 20)
+    got = subprocess.run([sys.executable, "-c", code], env={**env, "MMOPS_BN_STREAM_ABOVE_BYTES": "12345"}, cwd=root,
+                         check=True, capture_output=True, text=True).stdout
+    assert int(got) == 12345
+
+
 def test_bessel_matches_reference_chain_cmp():
     n, C = 32, 64
     hprebn = torch.randn(n, C, dtype=torch.float64) * 3 + 1

@@ -28,6 +28,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #include "cpu/batch_norm.h"
@@ -42,19 +44,44 @@ Shape shape_of(const at::Tensor& x) { return {x.size(0), x.size(1), x.dim() == 3
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The last-level cache a call can count on, in bytes. The kernel's own description (sysfs) comes first: glibc's
+// sysconf(_SC_LEVEL3_CACHE_SIZE) decodes CPUID, which a VM may fill with the host's figure (320 MB on this project's
+// 2-core AMD EPYC VM, whose sysfs says 32 MB: with 320 MB no BatchNorm call ever took its from-memory loops, and
+// the forward at (32768, 200) ran 4.6-4.8 ms instead of 2.7 ms, 2 threads). The result is capped at 32 MiB: a
+// server's L3 is shared with cores this process does not own (an Emerald Rapids socket reports 320 MB), and data
+// larger than that comes from memory whatever the CPU says.
+int64_t last_level_cache_bytes() {
+  int64_t bytes = 0;
+  for (int index = 0; index < 8 && bytes == 0; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;  // "32768K"
+    if (!(level_file >> level) || !(size_file >> size)) break;
+    if (level != 3) continue;
+    const int64_t value = std::atoll(size.c_str());
+    const char unit = size.empty() ? 'K' : size.back();
+    bytes = unit == 'M' ? value << 20 : unit == 'K' ? value << 10 : value;
+  }
+  if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  constexpr int64_t kCap = 32LL << 20;
+  return bytes > 0 && bytes < kCap ? bytes : kCap;
+}
+
 // Whether a call's data comes from memory rather than cache: when the bytes it reads and writes exceed the last-level
 // cache. Then the statistics read row after row, and the elementwise passes write with streaming stores
 // (batch_norm_kernels.h): the output cannot stay in cache for the next op anyway, and an ordinary store would first
 // read each line of it from memory. MMOPS_BN_STREAM_ABOVE_BYTES sets another threshold (the tests set 0 to run every
 // size through the from-memory loops).
-bool streams(int64_t bytes) {
+int64_t from_memory_threshold() {
   static const int64_t threshold = [] {
     if (const char* env = std::getenv("MMOPS_BN_STREAM_ABOVE_BYTES"); env && *env) return std::atoll(env);
-    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return llc > 0 ? static_cast<long long>(llc) : 32LL << 20;
+    return static_cast<long long>(last_level_cache_bytes());
   }();
-  return bytes > threshold;
+  return threshold;
 }
+
+bool streams(int64_t bytes) { return bytes > from_memory_threshold(); }
 
 Reads reads_for(int64_t bytes) { return streams(bytes) ? Reads::kFromMemory : Reads::kCached; }
 

@@ -16,6 +16,9 @@ bool has(const std::optional<at::Tensor>& t);
 at::Tensor contiguous_param(const std::optional<at::Tensor>& t);
 // How the statistics read a call's data, from the bytes the call reads and writes (batch_norm.cpp: streams).
 Reads reads_for(int64_t bytes);
+// The bytes a call reads and writes above which it takes the from-memory loops: the last-level cache, at most
+// 32 MiB, or MMOPS_BN_STREAM_ABOVE_BYTES.
+int64_t from_memory_threshold();
 
 // dx = A dy' + B (x - mean) + D per channel, from the sums over all n values of each channel (Sdy = sum dy',
 // Sdyx = sum dy' (x - mean)), invstd ip and gamma wp (null: 1).
