@@ -85,6 +85,15 @@ TORCH_LIBRARY(mmops, m) {
         "Tensor? bias_hh, int nonlinearity) -> Tensor");
   m.def("rnn_cell_backward(Tensor grad_h, Tensor h, Tensor input, Tensor hx, Tensor weight_ih, "
         "Tensor weight_hh, int nonlinearity, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- the makemore MLP's training step (csrc/mlp_train_step.cpp) ----------------------------------------
+  // One SGD step of mmops.models.MLP: updates the six parameters and BatchNorm's running statistics in place;
+  // returns the loss and the gradients in parameters() order. (Seven tensors, not a Tensor[]: torch.compile's
+  // functionalization of a mutating custom op takes only plain Tensor returns.)
+  m.def("mlp_train_step(Tensor X, Tensor Y, Tensor(a!) emb, Tensor(b!) fc1_weight, Tensor(c!) bn_weight, "
+        "Tensor(d!) bn_bias, Tensor(e!) fc2_weight, Tensor(f!) fc2_bias, Tensor(g!) running_mean, "
+        "Tensor(h!) running_var, float momentum, float eps, bool bessel, float lr) -> (Tensor loss, Tensor d_emb, "
+        "Tensor d_fc1_weight, Tensor d_bn_weight, Tensor d_bn_bias, Tensor d_fc2_weight, Tensor d_fc2_bias)");
 }
 
 namespace {
@@ -114,6 +123,6 @@ TORCH_LIBRARY_IMPL(mmops, Autograd, m) {
   for (const char* name : {"cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_backward",
                            "cross_entropy_scale_grad_", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats",
                            "batch_norm_backward_reduce", "batch_norm_backward_elemt", "rnn_forward", "rnn_backward",
-                           "rnn_cell_forward", "rnn_cell_backward"})
+                           "rnn_cell_forward", "rnn_cell_backward", "mlp_train_step"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
 }

@@ -19,12 +19,18 @@ from torch import Tensor, nn
 
 from ._cross_entropy import cross_entropy
 from . import nn as mnn
-from ._ops import ACTIVATIONS, ops
+from ._ops import ops
 from .data import Vocab
 
-# the overloads themselves (calling the OpOverloadPacket adds a Python step per call)
-_bn_forward, _bn_backward = ops.batch_norm_forward.default, ops.batch_norm_backward.default
-_ce_forward = ops.cross_entropy_forward.default
+# the overload itself (calling the OpOverloadPacket adds a Python step per call)
+_mlp_train_step = ops.mlp_train_step.default
+
+
+@torch.library.register_fake("mmops::mlp_train_step")
+def _mlp_train_step_fake(X, Y, emb, fc1_weight, bn_weight, bn_bias, fc2_weight, fc2_bias, running_mean, running_var,
+                         momentum, eps, bessel, lr):
+    params = (emb, fc1_weight, bn_weight, bn_bias, fc2_weight, fc2_bias)
+    return fc2_weight.new_empty(()), *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params)
 
 __all__ = ["MLP", "DeepMLP", "CharRNN", "TextRNN", "TorchMLP", "build_model", "sample"]
 
@@ -99,28 +105,11 @@ class MLP(nn.Module):
             torch.set_num_threads(threads)
 
     def _train_step(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
+        # the forward, the backward written out and the SGD update: one op (csrc/mlp_train_step.cpp has the steps)
         bn = self.bn
-        E, W1, W2, b2 = self.emb.weight, self.fc1.weight, self.fc2.weight, self.fc2.bias
-        n = X.shape[0]
         momentum = bn._running_factor()  # BatchNorm1d's own rule (and it counts the batch)
-        # forward: embcat -> hprebn -> h = tanh(BN(hprebn)) -> logits -> loss (+ dlogits, in the same pass)
-        embcat = E.index_select(0, X.view(-1)).view(n, -1)
-        hprebn = embcat.mm(W1.t())
-        h, mean, invstd = _bn_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, momentum,
-                                      bn.eps, bn.bessel, ACTIVATIONS["tanh"])
-        logits = torch.addmm(b2, h, W2.t())
-        loss, dlogits = _ce_forward(logits, Y, None, 1, -100, 0.0, True)
-        # backward
-        dW2 = dlogits.t().mm(h)
-        db2 = dlogits.sum(0)
-        dh = dlogits.mm(W2)
-        dhprebn, dgamma, dbeta = _bn_backward(dh, h, hprebn, bn.weight, mean, invstd, True, bn.bessel, 1,
-                                              [True, True, True])
-        dW1 = dhprebn.t().mm(embcat)
-        dembcat = dhprebn.mm(W1)
-        dE = torch.zeros_like(E).index_add_(0, X.view(-1), dembcat.view(-1, E.shape[1]))
-        grads = [dE, dW1, dgamma, dbeta, dW2, db2]  # parameters() order: emb, fc1, bn, fc2
-        torch._foreach_add_([E, W1, bn.weight, bn.bias, W2, b2], grads, alpha=-lr)
+        loss, *grads = _mlp_train_step(X, Y, self.emb.weight, self.fc1.weight, bn.weight, bn.bias, self.fc2.weight,
+                                       self.fc2.bias, bn.running_mean, bn.running_var, momentum, bn.eps, bn.bessel, lr)
         return loss, grads
 
 

@@ -45,6 +45,12 @@ def _cases():
     yield "rnn_cell_forward", (xs[0], h0, w_ih, w_hh, b, b, RELU)
     h1 = ops.rnn_cell_forward(xs[0], h0, w_ih, w_hh, b, b, TANH)
     yield "rnn_cell_backward", (r(B, H), h1, xs[0], h0, w_ih, w_hh, TANH, [True] * 5)
+    V, block, E, Hm = 7, 3, 4, 6  # the MLP's step: vocabulary, context, embedding and hidden sizes
+    X, Y = torch.randint(0, V, (5, block), generator=g), torch.randint(0, V, (5,), generator=g)
+    params = [r(V, E), r(Hm, block * E), r(Hm), r(Hm), r(V, Hm), r(V)]
+    for bessel in (False, True):
+        yield "mlp_train_step", (X, Y, *[p.clone() for p in params], torch.zeros(Hm), torch.ones(Hm), 0.1, 1e-5,
+                                 bessel, 0.01)
 
 
 CASES = list(_cases())
