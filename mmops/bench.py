@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import mmops
 
-from . import reference
+from . import _C, reference
 from ._ops import c_apply
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
@@ -521,12 +521,15 @@ def _machine() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # the last-level cache as the BatchNorm kernels see it (csrc/cpu/batch_norm.cpp): above it, from-memory loops
+        "bn_from_memory_bytes": _C.bn_from_memory_bytes(),
     }
 
 
 def machine_line() -> str:
     m = _machine()
-    return f"machine: {m['cpu']}, mmops ISA path {m['isa']}, {m['threads']} threads, torch {m['torch']}"
+    return (f"machine: {m['cpu']}, mmops ISA path {m['isa']}, {m['threads']} threads, torch {m['torch']}, "
+            f"BatchNorm from memory above {m['bn_from_memory_bytes'] / 2**20:g} MiB")
 
 
 def print_table(rows: list[dict]) -> str:
