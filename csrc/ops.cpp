@@ -111,7 +111,7 @@ void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                   " is an internal building block of mmops and has no gradient of its own, but its argument '",
                   args[i].name(), "' requires grad: call the public function (mmops.cross_entropy, mmops.batch_norm, "
                   "mmops.rnn, mmops.rnn_cell or the mmops.nn modules), whose torch.autograd.Function computes the "
-                  "gradient, or call the op under torch.no_grad()");
+                  "gradient (for mlp_train_step: mmops.models.MLP.train_step), or call the op under torch.no_grad()");
     }
   }
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);

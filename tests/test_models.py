@@ -67,6 +67,52 @@ def test_mlp_train_step_equals_autograd_plus_sgd(bessel):
         torch.testing.assert_close(v1, v2, rtol=1e-9, atol=1e-12, msg=k)
 
 
+def _train_step_call_by_call(m, X, Y, lr):
+    """The step as the Python calls it was before it became one op (the same ATen and mmops calls, one by one)."""
+    ops = torch.ops.mmops
+    bn, E, W1, W2, b2 = m.bn, m.emb.weight, m.fc1.weight, m.fc2.weight, m.fc2.bias
+    n = X.shape[0]
+    embcat = E.index_select(0, X.view(-1)).view(n, -1)
+    hprebn = embcat.mm(W1.t())
+    h, mean, invstd = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                             bn._running_factor(), bn.eps, bn.bessel, 1)
+    logits = torch.addmm(b2, h, W2.t())
+    loss, dlogits = ops.cross_entropy_forward(logits, Y, None, 1, -100, 0.0, True)
+    dW2, db2, dh = dlogits.t().mm(h), dlogits.sum(0), dlogits.mm(W2)
+    dhprebn, dgamma, dbeta = ops.batch_norm_backward(dh, h, hprebn, bn.weight, mean, invstd, True, bn.bessel, 1,
+                                                     [True, True, True])
+    dW1, dembcat = dhprebn.t().mm(embcat), dhprebn.mm(W1)
+    dE = torch.zeros_like(E).index_add_(0, X.view(-1), dembcat.view(-1, E.shape[1]))
+    grads = [dE, dW1, dgamma, dbeta, dW2, db2]
+    torch._foreach_add_([E, W1, bn.weight, bn.bias, W2, b2], grads, alpha=-lr)
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype,bessel", [(torch.float32, False), (torch.float32, True), (torch.float64, False)])
+def test_mlp_train_step_op_gives_the_bits_of_its_calls_one_by_one(dtype, bessel):
+    # mmops::mlp_train_step makes from C++ the calls the Python step made one by one: the losses, gradients,
+    # parameters and running statistics of 20 steps must not differ in a single bit (the trained model's numbers
+    # do not move). Both run on the same threads.
+    a = M.MLP(27, bessel=bessel).to(dtype)
+    b = copy.deepcopy(a)
+    for seed in range(20):
+        X, Y = _batch(n=32, seed=seed)
+        with torch.no_grad():
+            loss_a, grads_a = a._train_step(X, Y, 0.1)
+            loss_b, grads_b = _train_step_call_by_call(b, X, Y, 0.1)
+        assert torch.equal(loss_a, loss_b)
+        assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
+    for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v1, v2), k
+
+
+def test_mlp_train_step_op_names_a_bad_argument():
+    m = M.MLP(27)
+    X, Y = _batch(n=8, block=4)  # 4 tokens of 10 features: 40, not fc1's 30 inputs
+    with pytest.raises(ValueError, match="X's 4 tokens"):
+        m.train_step(X, Y, 0.1)
+
+
 @pytest.mark.parametrize("batch", [32, 200])  # below and above MLP.ONE_THREAD_MACS
 def test_mlp_train_step_threads(batch, monkeypatch):
     # train_step runs a small step's body on one thread and a larger one on the caller's threads, and the caller's
