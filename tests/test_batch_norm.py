@@ -167,6 +167,9 @@ def test_from_memory_threshold_is_the_last_level_cache_at_most_32_mib(tmp_path):
     got = subprocess.run([sys.executable, "-c", code], env={**env, "MMOPS_BN_STREAM_ABOVE_BYTES": "12345"}, cwd=root,
                          check=True, capture_output=True, text=True).stdout
     assert int(got) == 12345
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "MMOPS_BN_STREAM_ABOVE_BYTES": "32M"}, cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "MMOPS_BN_STREAM_ABOVE_BYTES must be a number of bytes" in bad.stderr
 
 
 def test_bessel_matches_reference_chain_cmp():

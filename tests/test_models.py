@@ -106,11 +106,33 @@ def test_mlp_train_step_op_gives_the_bits_of_its_calls_one_by_one(dtype, bessel)
         assert torch.equal(v1, v2), k
 
 
-def test_mlp_train_step_op_names_a_bad_argument():
+def _step_args(m, X, Y):
+    bn = m.bn
+    return [X, Y, m.emb.weight, m.fc1.weight, bn.weight, bn.bias, m.fc2.weight, m.fc2.bias, bn.running_mean,
+            bn.running_var, 0.1, 1e-5, False, 0.1]
+
+
+@pytest.mark.parametrize("position,bad,error,message", [
+    (0, lambda X: _batch(n=8, block=4)[0], ValueError, "X's 4 tokens of emb's 10 features"),
+    (0, lambda X: X.float(), TypeError, "X and Y must be int64"),
+    (1, lambda Y: Y[:-1], ValueError, r"Y must be \(n,\)"),
+    (4, lambda w: None, ValueError, "bn_weight is missing"),
+    (5, lambda b: b[:-1], ValueError, "bn_bias must be"),
+    (6, lambda w: w[:, :-1], ValueError, "fc2_weight must be"),
+    (7, lambda b: b.double(), TypeError, "fc2_bias is Double but emb is Float"),
+    (9, lambda v: v[:3], ValueError, "running_var must be"),
+])
+def test_mlp_train_step_op_names_a_bad_argument_and_changes_nothing(position, bad, error, message):
+    # every argument is checked before anything is updated in place, so the model is as it was after the error
     m = M.MLP(27)
-    X, Y = _batch(n=8, block=4)  # 4 tokens of 10 features: 40, not fc1's 30 inputs
-    with pytest.raises(ValueError, match="X's 4 tokens"):
-        m.train_step(X, Y, 0.1)
+    X, Y = _batch(n=8)
+    before = copy.deepcopy(m.state_dict())
+    args = _step_args(m, X, Y)
+    args[position] = bad(args[position])
+    with torch.no_grad(), pytest.raises(error, match=message):
+        torch.ops.mmops.mlp_train_step(*args)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("batch", [32, 200])  # below and above MLP.ONE_THREAD_MACS

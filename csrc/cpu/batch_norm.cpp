@@ -75,7 +75,13 @@ int64_t last_level_cache_bytes() {
 // size through the from-memory loops).
 int64_t from_memory_threshold() {
   static const int64_t threshold = [] {
-    if (const char* env = std::getenv("MMOPS_BN_STREAM_ABOVE_BYTES"); env && *env) return std::atoll(env);
+    if (const char* env = std::getenv("MMOPS_BN_STREAM_ABOVE_BYTES"); env && *env) {
+      char* end = nullptr;
+      const long long bytes = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(*end == '\0' && bytes >= 0, "MMOPS_BN_STREAM_ABOVE_BYTES must be a number of bytes (0 or "
+                        "more), got '", env, "'");
+      return bytes;
+    }
     return static_cast<long long>(last_level_cache_bytes());
   }();
   return threshold;
