@@ -14,10 +14,11 @@
 
 #include "cpu/batch_norm.h"
 #include "cpu/output_cache.h"
+#include "python_calls.h"
 
-// `import mmops._C` loads this library, which runs the registrations below. Its functions are about memory, not
-// tensors (the CPU output cache: csrc/cpu/output_cache.cpp; BatchNorm's from-memory threshold: csrc/cpu/
-// batch_norm.cpp), so they are plain module functions, not ops.
+// `import mmops._C` loads this library, which runs the registrations below. Its module functions are about memory
+// (the CPU output cache: csrc/cpu/output_cache.cpp; BatchNorm's from-memory threshold: csrc/cpu/batch_norm.cpp),
+// not ops, and the eager entry points of the per-step ops (the same registered ops: csrc/python_calls.cpp).
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(mmops::cpu::empty_output_cache());
 }
@@ -28,12 +29,21 @@ static PyObject* bn_from_memory_bytes(PyObject*, PyObject*) {
   return PyLong_FromLongLong(mmops::cpu::bn::from_memory_threshold());
 }
 
+static PyCFunction fastcall(PyObject* (*f)(PyObject*, PyObject* const*, Py_ssize_t)) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f));
+}
+
 extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"empty_cache", empty_cache, METH_NOARGS, "Frees the CPU output cache's blocks; returns the bytes freed."},
       {"cache_bytes", cache_bytes, METH_NOARGS, "The bytes the CPU output cache holds now."},
       {"bn_from_memory_bytes", bn_from_memory_bytes, METH_NOARGS,
        "The bytes a BatchNorm call reads and writes above which it takes its from-memory loops."},
+      // the eager entry points of the per-step ops (csrc/python_calls.cpp)
+      {"cross_entropy_forward", fastcall(mmops::cross_entropy_forward_call), METH_FASTCALL, nullptr},
+      {"cross_entropy_backward", fastcall(mmops::cross_entropy_backward_call), METH_FASTCALL, nullptr},
+      {"batch_norm_forward", fastcall(mmops::batch_norm_forward_call), METH_FASTCALL, nullptr},
+      {"batch_norm_backward", fastcall(mmops::batch_norm_backward_call), METH_FASTCALL, nullptr},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mmops kernels (registered as torch.ops.mmops)",
                                           -1, methods};

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import ACTIVATIONS, LOW_PRECISION, c_apply, first_order_only, ops, plain_autograd, unwrap_if_dead
+from . import _C
+from ._ops import (ACTIVATIONS, LOW_PRECISION, c_apply, eager_or_op, first_order_only, ops, plain_autograd,
+                   unwrap_if_dead)
 
 
 def _like_input(input):
@@ -44,8 +46,9 @@ def _backward_elemt_fake(grad_output, output, input, weight, mean, invstd, sum_d
     return _like_input(input)
 
 
-# The overloads themselves: calling the OpOverloadPacket adds a Python step per call.
-_forward_op, _backward_op = ops.batch_norm_forward.default, ops.batch_norm_backward.default
+# The overloads through their eager entry points (mmops/_ops.py: eager_or_op).
+_forward_op = eager_or_op(_C.batch_norm_forward, ops.batch_norm_forward.default)
+_backward_op = eager_or_op(_C.batch_norm_backward, ops.batch_norm_backward.default)
 
 
 class BatchNormFunction(torch.autograd.Function):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ops import LOW_PRECISION, REDUCTIONS, c_apply, first_order_only, ops, plain_autograd, unwrap_if_dead
+from . import _C
+from ._ops import (LOW_PRECISION, REDUCTIONS, c_apply, eager_or_op, first_order_only, ops, plain_autograd,
+                   unwrap_if_dead)
 
 
 @torch.library.register_fake("mmops::cross_entropy_forward")
@@ -32,8 +34,9 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
-# The overloads themselves: calling the OpOverloadPacket adds a Python step per call.
-_forward_op, _backward_op = ops.cross_entropy_forward.default, ops.cross_entropy_backward.default
+# The overloads through their eager entry points (mmops/_ops.py: eager_or_op).
+_forward_op = eager_or_op(_C.cross_entropy_forward, ops.cross_entropy_forward.default)
+_backward_op = eager_or_op(_C.cross_entropy_backward, ops.cross_entropy_backward.default)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

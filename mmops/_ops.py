@@ -73,3 +73,21 @@ def plain_autograd() -> bool:
 def c_apply(function_cls):
     """function_cls's C++ apply (torch._C._FunctionBase.apply bound to the class); only where plain_autograd()."""
     return super(torch.autograd.Function, function_cls).apply
+
+
+def eager_or_op(eager, op):
+    """The op `op` (a torch.ops overload) called through its eager entry point `eager` (mmops._C: the arguments
+    converted in C++ and the op called unboxed below autograd, csrc/python_calls.cpp) where that applies, else through
+    torch.ops: when torch.compile traces (it must see the op), or when `eager` returns NotImplemented (grad mode on, a
+    functorch transform or dispatch mode active, a tensor subclass, an argument of another Python type). Same op,
+    same kernel, same result either way."""
+    is_compiling = torch.compiler.is_compiling
+
+    def call(*args):
+        if not is_compiling():
+            out = eager(*args)
+            if out is not NotImplemented:
+                return out
+        return op(*args)
+
+    return call

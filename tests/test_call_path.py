@@ -83,3 +83,78 @@ def test_dead_functorch_wrappers_are_unwrapped_as_function_apply_does():
     out = mmops.batch_norm(x, None, None, training=True)
     assert out.grad_fn is None and not out.requires_grad
     torch.testing.assert_close(out, F.batch_norm(x, None, None, training=True))
+
+
+# ---- the ops' eager entry points (mmops._C.<op>, csrc/python_calls.cpp) ------------------------------------------
+def _eager_cases():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, t = r(6, 5), torch.tensor([0, 4, -100, 2, 2, 1])
+    yield "cross_entropy_forward", (x, t, None, 1, -100, 0.0, True)
+    yield "cross_entropy_forward", (x, torch.tensor([0, 4, 3, 2, 2, 1]), torch.rand(5, generator=g), 0, 2, 0.1, False)
+    yield "cross_entropy_backward", (r(6, 5), torch.tensor(0.5))
+    xb, w, b = r(8, 5) * 3 + 1, r(5), r(5)
+    yield "batch_norm_forward", (xb, w, b, torch.zeros(5), torch.ones(5), True, 0.3, 1e-3, True, 1)
+    yield "batch_norm_forward", (r(4, 5, 3), None, b, None, None, True, 0.1, 1e-5, False, 2)
+    yield "batch_norm_forward", (xb, w, None, r(5), torch.rand(5, generator=g) + 1, False, 0.1, 1e-5, False, 0)
+    h, mean, invstd = torch.ops.mmops.batch_norm_forward(xb, w, b, None, None, True, 0.1, 1e-5, False, 1)
+    yield "batch_norm_backward", (r(8, 5), h, xb, w, mean, invstd, True, True, 1, [True, False, True])
+    yield "batch_norm_backward", (r(8, 5), h, xb, None, mean, invstd, False, False, 1, [True, True, True])
+
+
+def _clone(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("name,args", list(_eager_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_eager_entry_point_is_the_op(name, args):
+    # the same op with the same arguments: the same outputs and the same in-place updates (running statistics),
+    # bit for bit; and the outputs are freed with their last reference (no reference leaked by the C wrapper)
+    import weakref
+    eager, op = getattr(mmops._C, name), getattr(torch.ops.mmops, name).default
+    a, b = _clone(args), _clone(args)
+    with torch.no_grad():
+        got, want = eager(*a), op(*b)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want) and all(torch.equal(u, v) for u, v in zip(got, want))
+    assert all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor))
+    refs = [weakref.ref(t) for t in got]
+    del got
+    assert all(ref() is None for ref in refs)
+
+
+def test_eager_entry_point_declines_what_is_not_plain_eager():
+    # NotImplemented (the caller then takes torch.ops) with grad mode on, a tensor subclass, an argument of another
+    # Python type, under a functorch transform or a dispatch mode, and under autocast
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    f = mmops._C.cross_entropy_forward
+    assert f(x, t, None, 1, -100, 0.0, True) is NotImplemented  # grad mode is on here
+
+    class Sub(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        assert f(x, t, None, 1, -100, 0.0, True) is not NotImplemented
+        assert f(x.as_subclass(Sub), t, None, 1, -100, 0.0, True) is NotImplemented
+        assert f(x, t, None, 1, -100, 0, True) is NotImplemented  # an int where the schema has a float
+        with torch.autocast("cpu"):
+            assert f(x, t, None, 1, -100, 0.0, True) is NotImplemented
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            assert f(torch.empty(4, 3), torch.zeros(4, dtype=torch.long), None, 1, -100, 0.0, True) is NotImplemented
+    seen = []
+    torch.func.grad(lambda y: (seen.append(f(y.detach(), t, None, 1, -100, 0.0, True)), y.sum())[1])(x)
+    assert seen == [NotImplemented]
+    with pytest.raises(TypeError, match="takes 7 arguments"):
+        f(x, t)
+
+
+def test_eager_entry_point_raises_what_the_op_raises():
+    x, bad = torch.randn(4, 3), torch.tensor([0, 1, 3, 0])  # class 3 of 3
+    with torch.no_grad():
+        with pytest.raises(Exception) as via_ops:
+            torch.ops.mmops.cross_entropy_forward(x, bad, None, 1, -100, 0.0, True)
+        with pytest.raises(Exception) as via_eager:
+            mmops._C.cross_entropy_forward(x, bad, None, 1, -100, 0.0, True)
+    assert type(via_eager.value) is type(via_ops.value) and str(via_eager.value) == str(via_ops.value)
