@@ -44,6 +44,7 @@ extern "C" PyObject* PyInit__C(void) {
       {"cross_entropy_backward", fastcall(mmops::cross_entropy_backward_call), METH_FASTCALL, nullptr},
       {"batch_norm_forward", fastcall(mmops::batch_norm_forward_call), METH_FASTCALL, nullptr},
       {"batch_norm_backward", fastcall(mmops::batch_norm_backward_call), METH_FASTCALL, nullptr},
+      {"mlp_train_step", fastcall(mmops::mlp_train_step_call), METH_FASTCALL, nullptr},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mmops kernels (registered as torch.ops.mmops)",
                                           -1, methods};

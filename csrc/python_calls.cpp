@@ -1,5 +1,5 @@
 // The eager Python entry points of the ops that run on every training step: mmops._C.cross_entropy_forward,
-// cross_entropy_backward, batch_norm_forward and batch_norm_backward take the arguments of the op of that name
+// cross_entropy_backward, batch_norm_forward, batch_norm_backward and mlp_train_step take the arguments of the op of that name
 // (csrc/ops.cpp) and call that registered op through the dispatcher, unboxed.
 //
 // Why: torch.ops.mmops.<op>.default converts every argument to an IValue, calls the op boxed, and its Autograd
@@ -10,12 +10,13 @@
 //
 // Only where that is the same thing: grad mode off (inside a Function's forward and backward, where the
 // not-differentiable check passes anyway), no dispatch key in the thread-local included set beyond eager PyTorch's
-// own two (no functorch transform, no Python dispatch mode such as a FakeTensorMode), autocast off, and every tensor
-// argument a plain torch.Tensor
-// (no subclass with __torch_function__ / __torch_dispatch__). Anywhere else the function returns NotImplemented and
-// the caller (mmops/_ops.py: call_op) takes torch.ops. Errors are the op's own, with the same Python exception
+// own two (no functorch transform, no Python dispatch mode such as a FakeTensorMode), autocast off, no
+// __torch_function__ mode, and every tensor argument a torch.Tensor or nn.Parameter (no other subclass, which may
+// override __torch_function__). Anywhere else the function returns NotImplemented and the caller (mmops/_ops.py:
+// eager_or_op) takes torch.ops. Errors are the op's own, with the same Python exception
 // types (HANDLE_TH_ERRORS translates them as torch.ops does).
 #include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -45,15 +46,28 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 struct NotHere {};
 
 bool here() {
-  if (c10::GradMode::is_enabled()) return false;
+  if (c10::GradMode::is_enabled() || at::impl::torch_function_mode_enabled()) return false;
   // Eager PyTorch includes these two keys in every thread and excludes the autocast keys while autocast is off.
   static const c10::DispatchKeySet always({c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView});
   const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
   return (tls.included_ - always).empty() && tls.excluded_.has_all(c10::autocast_dispatch_keyset);
 }
 
+// torch.Tensor, or nn.Parameter (a subclass whose __torch_function__ is disabled: it behaves as a plain tensor).
+bool plain_tensor(PyObject* o) {
+  if (THPVariable_CheckExact(o)) return true;
+  static PyTypeObject* parameter = [] {
+    PyObject* module = PyImport_ImportModule("torch.nn.parameter");
+    PyObject* cls = module ? PyObject_GetAttrString(module, "Parameter") : nullptr;
+    Py_XDECREF(module);
+    if (cls == nullptr) PyErr_Clear();
+    return reinterpret_cast<PyTypeObject*>(cls);  // kept for the life of the process
+  }();
+  return parameter != nullptr && Py_TYPE(o) == parameter;
+}
+
 const Tensor& tensor(PyObject* o) {
-  if (!THPVariable_CheckExact(o)) throw NotHere{};
+  if (!plain_tensor(o)) throw NotHere{};
   return THPVariable_Unpack(o);
 }
 OptTensor optional_tensor(PyObject* o) { return o == Py_None ? OptTensor() : OptTensor(tensor(o)); }
@@ -162,6 +176,22 @@ PyObject* batch_norm_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) 
     const std::array<bool, 3> mask = three_booleans(a[9]);
     at::AutoDispatchBelowAutograd below;
     return wrap(handle.call(grad_output, output, input, weight, mean, invstd, training, bessel, activation, mask));
+  });
+}
+
+PyObject* mlp_train_step_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+          const Tensor&, const Tensor&, const Tensor&, double, double, bool, double)>("mmops::mlp_train_step");
+  return call_below_autograd(n, 14, "mlp_train_step", [&] {
+    const Tensor &X = tensor(a[0]), &Y = tensor(a[1]), &E = tensor(a[2]), &W1 = tensor(a[3]);
+    const Tensor &gamma = tensor(a[4]), &beta = tensor(a[5]), &W2 = tensor(a[6]), &b2 = tensor(a[7]);
+    const Tensor &running_mean = tensor(a[8]), &running_var = tensor(a[9]);
+    const double momentum = real(a[10]), eps = real(a[11]), lr = real(a[13]);
+    const bool bessel = boolean(a[12]);
+    at::AutoDispatchBelowAutograd below;
+    return wrap(handle.call(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var, momentum, eps, bessel, lr));
   });
 }
 

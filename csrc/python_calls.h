@@ -9,5 +9,6 @@ PyObject* cross_entropy_forward_call(PyObject*, PyObject* const* args, Py_ssize_
 PyObject* cross_entropy_backward_call(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* batch_norm_forward_call(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* batch_norm_backward_call(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* mlp_train_step_call(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 
 }  // namespace mmops

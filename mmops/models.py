@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from ._cross_entropy import cross_entropy
 from . import nn as mnn
-from ._ops import ops
+from . import _C
+from ._ops import eager_or_op, ops
 from .data import Vocab
 
-# the overload itself (calling the OpOverloadPacket adds a Python step per call)
-_mlp_train_step = ops.mlp_train_step.default
+# the op through its eager entry point (mmops/_ops.py: eager_or_op)
+_mlp_train_step = eager_or_op(_C.mlp_train_step, ops.mlp_train_step.default)
 
 
 @torch.library.register_fake("mmops::mlp_train_step")

@@ -100,10 +100,18 @@ def _eager_cases():
     h, mean, invstd = torch.ops.mmops.batch_norm_forward(xb, w, b, None, None, True, 0.1, 1e-5, False, 1)
     yield "batch_norm_backward", (r(8, 5), h, xb, w, mean, invstd, True, True, 1, [True, False, True])
     yield "batch_norm_backward", (r(8, 5), h, xb, None, mean, invstd, False, False, 1, [True, True, True])
+    # nn.Parameter (the modules' weights) takes the entry point too: its __torch_function__ is disabled
+    P = torch.nn.Parameter
+    yield "batch_norm_forward", (xb, P(w), P(b), torch.zeros(5), torch.ones(5), True, 0.1, 1e-5, False, 1)
+    V, block, E, H = 7, 3, 4, 6
+    X, Y = torch.randint(0, V, (5, block), generator=g), torch.randint(0, V, (5,), generator=g)
+    params = [P(r(V, E)), P(r(H, block * E)), P(r(H)), P(r(H)), P(r(V, H)), P(r(V))]
+    yield "mlp_train_step", (X, Y, *params, torch.zeros(H), torch.ones(H), 0.1, 1e-5, False, 0.01)
 
 
 def _clone(args):
-    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    return [(torch.nn.Parameter(a.detach().clone()) if isinstance(a, torch.nn.Parameter) else a.clone())
+            if isinstance(a, torch.Tensor) else a for a in args]
 
 
 @pytest.mark.parametrize("name,args", list(_eager_cases()), ids=lambda v: v if isinstance(v, str) else "")
@@ -143,6 +151,8 @@ def test_eager_entry_point_declines_what_is_not_plain_eager():
         from torch._subclasses.fake_tensor import FakeTensorMode
         with FakeTensorMode():
             assert f(torch.empty(4, 3), torch.zeros(4, dtype=torch.long), None, 1, -100, 0.0, True) is NotImplemented
+        with torch.overrides.TorchFunctionMode():
+            assert f(x, t, None, 1, -100, 0.0, True) is NotImplemented
     seen = []
     torch.func.grad(lambda y: (seen.append(f(y.detach(), t, None, 1, -100, 0.0, True)), y.sum())[1])(x)
     assert seen == [NotImplemented]
