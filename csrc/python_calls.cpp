@@ -6,7 +6,7 @@
 // kernel (the not-differentiable check, ops.cpp) redispatches boxed again: at the notebooks' batch of 32 that is
 // most of the op's cost (1 thread, AMD EPYC Zen 4: batch_norm_forward at (32, 200) 10.6 us through torch.ops, of
 // which the kernels are ~3 us; torch.add 2.4 us). Here the arguments go straight from Python objects to C++ and the
-// op is called below autograd, as ATen's own generated bindings do.
+// op is called below autograd and without the GIL, as ATen's own generated bindings do.
 //
 // Only where that is the same thing: grad mode off (inside a Function's forward and backward, where the
 // not-differentiable check passes anyway), no dispatch key in the thread-local included set beyond eager PyTorch's
@@ -73,7 +73,12 @@ const Tensor& tensor(PyObject* o) {
 OptTensor optional_tensor(PyObject* o) { return o == Py_None ? OptTensor() : OptTensor(tensor(o)); }
 int64_t integer(PyObject* o) {
   if (!PyLong_CheckExact(o)) throw NotHere{};
-  return PyLong_AsLongLong(o);
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {  // beyond 64 bits: torch.ops gives its own error for that
+    PyErr_Clear();
+    throw NotHere{};
+  }
+  return v;
 }
 double real(PyObject* o) {
   if (!PyFloat_CheckExact(o)) throw NotHere{};
@@ -88,20 +93,33 @@ std::array<bool, 3> three_booleans(PyObject* o) {
   return {boolean(PyList_GET_ITEM(o, 0)), boolean(PyList_GET_ITEM(o, 1)), boolean(PyList_GET_ITEM(o, 2))};
 }
 
+bool set_item(PyObject* tuple, Py_ssize_t i, Tensor t) {
+  PyObject* item = THPVariable_Wrap(std::move(t));
+  if (item == nullptr) return false;
+  PyTuple_SET_ITEM(tuple, i, item);  // takes the new reference
+  return true;
+}
+
 template <typename... Tensors>
 PyObject* wrap(std::tuple<Tensors...> t) {
   PyObject* out = PyTuple_New(sizeof...(Tensors));
   if (out == nullptr) return nullptr;
-  std::apply([&](auto&... each) {
-    Py_ssize_t i = 0;
-    (PyTuple_SET_ITEM(out, i++, THPVariable_Wrap(std::move(each))), ...);  // SET_ITEM takes the new reference
-  }, t);
+  Py_ssize_t i = 0;
+  bool ok = true;
+  std::apply([&](auto&... each) { ((ok = ok && set_item(out, i++, std::move(each))), ...); }, t);
+  if (!ok) Py_CLEAR(out);  // an item failed (its error is set): the tuple and the items set so far go
   return out;
 }
 PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
-// Parses with `parse` (which throws NotHere for an argument this path does not take), then calls the op below
-// autograd with `call`.
+// The op's call itself runs without the GIL, as through torch.ops: other Python threads (a data loader) go on meanwhile.
+struct WithoutGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~WithoutGil() { PyEval_RestoreThread(state); }
+};
+
+// Runs call(), which parses the arguments (throwing NotHere for one this path does not take), calls the op below
+// autograd and wraps the result; errors become Python exceptions as through torch.ops.
 template <typename Call>
 PyObject* call_below_autograd(Py_ssize_t nargs, Py_ssize_t expected, const char* name, Call&& call) {
   HANDLE_TH_ERRORS
@@ -121,77 +139,97 @@ PyObject* call_below_autograd(Py_ssize_t nargs, Py_ssize_t expected, const char*
 }  // namespace
 
 PyObject* cross_entropy_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double, bool)>(
-          "mmops::cross_entropy_forward");
   return call_below_autograd(n, 7, "cross_entropy_forward", [&] {
+    static const auto handle =
+        op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double,
+                                      bool)>("mmops::cross_entropy_forward");
     const Tensor &input = tensor(a[0]), &target = tensor(a[1]);
     const OptTensor weight = optional_tensor(a[2]);
     const int64_t reduction = integer(a[3]), ignore_index = integer(a[4]);
     const double smoothing = real(a[5]);
     const bool grad = boolean(a[6]);
-    at::AutoDispatchBelowAutograd below;
-    return wrap(handle.call(input, target, weight, reduction, ignore_index, smoothing, grad));
+    auto out = [&] {
+      WithoutGil no_gil;
+      at::AutoDispatchBelowAutograd below;
+      return handle.call(input, target, weight, reduction, ignore_index, smoothing, grad);
+    }();
+    return wrap(std::move(out));
   });
 }
 
 PyObject* cross_entropy_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  static const auto handle = op<Tensor(const Tensor&, const Tensor&)>("mmops::cross_entropy_backward");
   return call_below_autograd(n, 2, "cross_entropy_backward", [&] {
+    static const auto handle = op<Tensor(const Tensor&, const Tensor&)>("mmops::cross_entropy_backward");
     const Tensor &grad = tensor(a[0]), &grad_output = tensor(a[1]);
-    at::AutoDispatchBelowAutograd below;
-    return wrap(handle.call(grad, grad_output));
+    auto out = [&] {
+      WithoutGil no_gil;
+      at::AutoDispatchBelowAutograd below;
+      return handle.call(grad, grad_output);
+    }();
+    return wrap(std::move(out));
   });
 }
 
 PyObject* batch_norm_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                            const OptTensor&, bool, double, double, bool, int64_t)>(
-          "mmops::batch_norm_forward");
   return call_below_autograd(n, 10, "batch_norm_forward", [&] {
+    static const auto handle =
+        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                              const OptTensor&, bool, double, double, bool, int64_t)>(
+            "mmops::batch_norm_forward");
     const Tensor& input = tensor(a[0]);
     const OptTensor weight = optional_tensor(a[1]), bias = optional_tensor(a[2]);
     const OptTensor running_mean = optional_tensor(a[3]), running_var = optional_tensor(a[4]);
     const bool training = boolean(a[5]), bessel = boolean(a[8]);
     const double momentum = real(a[6]), eps = real(a[7]);
     const int64_t activation = integer(a[9]);
-    at::AutoDispatchBelowAutograd below;
-    return wrap(handle.call(input, weight, bias, running_mean, running_var, training, momentum, eps, bessel,
-                            activation));
+    auto out = [&] {
+      WithoutGil no_gil;
+      at::AutoDispatchBelowAutograd below;
+      return handle.call(input, weight, bias, running_mean, running_var, training, momentum, eps, bessel,
+                         activation);
+    }();
+    return wrap(std::move(out));
   });
 }
 
 PyObject* batch_norm_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                            const Tensor&, const Tensor&, bool, bool, int64_t, std::array<bool, 3>)>(
-          "mmops::batch_norm_backward");
   return call_below_autograd(n, 10, "batch_norm_backward", [&] {
+    static const auto handle =
+        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                              const Tensor&, const Tensor&, bool, bool, int64_t,
+                                              std::array<bool, 3>)>("mmops::batch_norm_backward");
     const Tensor &grad_output = tensor(a[0]), &output = tensor(a[1]), &input = tensor(a[2]);
     const OptTensor weight = optional_tensor(a[3]);
     const Tensor &mean = tensor(a[4]), &invstd = tensor(a[5]);
     const bool training = boolean(a[6]), bessel = boolean(a[7]);
     const int64_t activation = integer(a[8]);
     const std::array<bool, 3> mask = three_booleans(a[9]);
-    at::AutoDispatchBelowAutograd below;
-    return wrap(handle.call(grad_output, output, input, weight, mean, invstd, training, bessel, activation, mask));
+    auto out = [&] {
+      WithoutGil no_gil;
+      at::AutoDispatchBelowAutograd below;
+      return handle.call(grad_output, output, input, weight, mean, invstd, training, bessel, activation, mask);
+    }();
+    return wrap(std::move(out));
   });
 }
 
 PyObject* mlp_train_step_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-          const Tensor&, const Tensor&, const Tensor&, double, double, bool, double)>("mmops::mlp_train_step");
   return call_below_autograd(n, 14, "mlp_train_step", [&] {
+    static const auto handle =
+        op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+            const Tensor&, const Tensor&, const Tensor&, double, double, bool, double)>("mmops::mlp_train_step");
     const Tensor &X = tensor(a[0]), &Y = tensor(a[1]), &E = tensor(a[2]), &W1 = tensor(a[3]);
     const Tensor &gamma = tensor(a[4]), &beta = tensor(a[5]), &W2 = tensor(a[6]), &b2 = tensor(a[7]);
     const Tensor &running_mean = tensor(a[8]), &running_var = tensor(a[9]);
     const double momentum = real(a[10]), eps = real(a[11]), lr = real(a[13]);
     const bool bessel = boolean(a[12]);
-    at::AutoDispatchBelowAutograd below;
-    return wrap(handle.call(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var, momentum, eps, bessel, lr));
+    auto out = [&] {
+      WithoutGil no_gil;
+      at::AutoDispatchBelowAutograd below;
+      return handle.call(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var, momentum, eps, bessel, lr);
+    }();
+    return wrap(std::move(out));
   });
 }
 

@@ -146,6 +146,7 @@ def test_eager_entry_point_declines_what_is_not_plain_eager():
         assert f(x, t, None, 1, -100, 0.0, True) is not NotImplemented
         assert f(x.as_subclass(Sub), t, None, 1, -100, 0.0, True) is NotImplemented
         assert f(x, t, None, 1, -100, 0, True) is NotImplemented  # an int where the schema has a float
+        assert f(x, t, None, 1, 2**70, 0.0, True) is NotImplemented  # beyond int64: torch.ops says what is wrong
         with torch.autocast("cpu"):
             assert f(x, t, None, 1, -100, 0.0, True) is NotImplemented
         from torch._subclasses.fake_tensor import FakeTensorMode
