@@ -15,7 +15,6 @@
 // the dispatcher (csrc/cpu/batch_norm.cpp, cross_entropy.cpp; csrc/cuda for CUDA tensors), so the op is registered
 // once for every backend (CompositeExplicitAutograd), like the products and the scatter it calls.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/zeros.h>
@@ -27,16 +26,12 @@
 #include <tuple>
 #include <utility>
 
+#include "op_handles.h"
+
 namespace mmops {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 constexpr int64_t kTanh = 1, kMean = 1;  // the activation and reduction codes of csrc/ops.cpp
 
@@ -88,17 +83,9 @@ Step mlp_train_step(const Tensor& X, const Tensor& Y, const Tensor& E,
                     const Tensor& running_mean, const Tensor& running_var, double momentum, double eps, bool bessel,
                     double lr) {
   check_arguments(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var);
-  static const auto bn_forward =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                            const OptTensor&, bool, double, double, bool, int64_t)>(
-          "mmops::batch_norm_forward");
-  static const auto bn_backward =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                            const Tensor&, const Tensor&, bool, bool, int64_t, std::array<bool, 3>)>(
-          "mmops::batch_norm_backward");
-  static const auto ce_forward =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double, bool)>(
-          "mmops::cross_entropy_forward");
+  const auto& bn_forward = op_handles::batch_norm_forward();
+  const auto& bn_backward = op_handles::batch_norm_backward();
+  const auto& ce_forward = op_handles::cross_entropy_forward();
   // No autograd graph is built (the backward is written out below); the parameters are updated in place, which
   // still bumps their version counters (that happens below autograd).
   at::AutoDispatchBelowAutograd below_autograd;

@@ -18,7 +18,6 @@
 #include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
@@ -29,6 +28,7 @@
 #include <tuple>
 #include <utility>
 
+#include "op_handles.h"
 #include "python_calls.h"
 
 namespace mmops {
@@ -36,11 +36,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Thrown when a call is not one this path takes (see the top of the file); turned into NotImplemented.
 struct NotHere {};
@@ -140,9 +135,7 @@ PyObject* call_below_autograd(Py_ssize_t nargs, Py_ssize_t expected, const char*
 
 PyObject* cross_entropy_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return call_below_autograd(n, 7, "cross_entropy_forward", [&] {
-    static const auto handle =
-        op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double,
-                                      bool)>("mmops::cross_entropy_forward");
+    const auto& handle = op_handles::cross_entropy_forward();
     const Tensor &input = tensor(a[0]), &target = tensor(a[1]);
     const OptTensor weight = optional_tensor(a[2]);
     const int64_t reduction = integer(a[3]), ignore_index = integer(a[4]);
@@ -159,7 +152,7 @@ PyObject* cross_entropy_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n
 
 PyObject* cross_entropy_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return call_below_autograd(n, 2, "cross_entropy_backward", [&] {
-    static const auto handle = op<Tensor(const Tensor&, const Tensor&)>("mmops::cross_entropy_backward");
+    const auto& handle = op_handles::cross_entropy_backward();
     const Tensor &grad = tensor(a[0]), &grad_output = tensor(a[1]);
     auto out = [&] {
       WithoutGil no_gil;
@@ -172,10 +165,7 @@ PyObject* cross_entropy_backward_call(PyObject*, PyObject* const* a, Py_ssize_t 
 
 PyObject* batch_norm_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return call_below_autograd(n, 10, "batch_norm_forward", [&] {
-    static const auto handle =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                              const OptTensor&, bool, double, double, bool, int64_t)>(
-            "mmops::batch_norm_forward");
+    const auto& handle = op_handles::batch_norm_forward();
     const Tensor& input = tensor(a[0]);
     const OptTensor weight = optional_tensor(a[1]), bias = optional_tensor(a[2]);
     const OptTensor running_mean = optional_tensor(a[3]), running_var = optional_tensor(a[4]);
@@ -194,10 +184,7 @@ PyObject* batch_norm_forward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
 
 PyObject* batch_norm_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return call_below_autograd(n, 10, "batch_norm_backward", [&] {
-    static const auto handle =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                              const Tensor&, const Tensor&, bool, bool, int64_t,
-                                              std::array<bool, 3>)>("mmops::batch_norm_backward");
+    const auto& handle = op_handles::batch_norm_backward();
     const Tensor &grad_output = tensor(a[0]), &output = tensor(a[1]), &input = tensor(a[2]);
     const OptTensor weight = optional_tensor(a[3]);
     const Tensor &mean = tensor(a[4]), &invstd = tensor(a[5]);
@@ -215,10 +202,7 @@ PyObject* batch_norm_backward_call(PyObject*, PyObject* const* a, Py_ssize_t n) 
 
 PyObject* mlp_train_step_call(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return call_below_autograd(n, 14, "mlp_train_step", [&] {
-    static const auto handle =
-        op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-            const Tensor&, const Tensor&, const Tensor&, double, double, bool, double)>("mmops::mlp_train_step");
+    const auto& handle = op_handles::mlp_train_step();
     const Tensor &X = tensor(a[0]), &Y = tensor(a[1]), &E = tensor(a[2]), &W1 = tensor(a[3]);
     const Tensor &gamma = tensor(a[4]), &beta = tensor(a[5]), &W2 = tensor(a[6]), &b2 = tensor(a[7]);
     const Tensor &running_mean = tensor(a[8]), &running_var = tensor(a[9]);
