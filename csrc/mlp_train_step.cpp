@@ -26,6 +26,7 @@
 #include <tuple>
 #include <utility>
 
+#include "op_args.h"
 #include "op_handles.h"
 
 namespace mmops {
@@ -35,54 +36,14 @@ using at::Tensor;
 
 constexpr int64_t kTanh = 1, kMean = 1;  // the activation and reduction codes of csrc/ops.cpp
 
-// Every argument checked before anything is updated: a step that fails leaves the model as it was (the parameters
-// and running statistics are updated in place, the last ones only at the end).
-void check_arguments(const Tensor& X, const Tensor& Y, const Tensor& E, const Tensor& W1, const Tensor& gamma,
-                     const Tensor& beta, const Tensor& W2, const Tensor& b2, const Tensor& running_mean,
-                     const Tensor& running_var) {
-  const std::pair<const char*, const Tensor*> tensors[] = {
-      {"X", &X},           {"Y", &Y},          {"emb", &E},
-      {"fc1_weight", &W1}, {"bn_weight", &gamma}, {"bn_bias", &beta},
-      {"fc2_weight", &W2}, {"fc2_bias", &b2}, {"running_mean", &running_mean}, {"running_var", &running_var}};
-  for (const auto& [name, t] : tensors) {
-    TORCH_CHECK_VALUE(t->defined(), "mmops.mlp_train_step: ", name, " is missing (None)");
-    TORCH_CHECK(t->device() == E.device(), "mmops.mlp_train_step: ", name, " is on ", t->device(), " but emb is on ",
-                E.device());
-  }
-  TORCH_CHECK_TYPE(X.scalar_type() == at::kLong && Y.scalar_type() == at::kLong,
-                   "mmops.mlp_train_step: X and Y must be int64 token ids, got ", X.scalar_type(), " and ",
-                   Y.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(E.scalar_type()), "mmops.mlp_train_step: emb must be floating point, got ",
-                   E.scalar_type());
-  for (const auto& [name, t] : tensors)
-    TORCH_CHECK_TYPE(t == &X || t == &Y || t->scalar_type() == E.scalar_type(), "mmops.mlp_train_step: ", name,
-                     " is ", t->scalar_type(), " but emb is ", E.scalar_type());
-  TORCH_CHECK_VALUE(X.dim() == 2 && X.size(0) > 1, "mmops.mlp_train_step: X must be (n, block_size) with n > 1 (batch "
-                    "statistics need two rows), got ", X.sizes());
-  TORCH_CHECK_VALUE(Y.dim() == 1 && Y.size(0) == X.size(0), "mmops.mlp_train_step: Y must be (n,) = (", X.size(0),
-                    ",), got ", Y.sizes());
-  TORCH_CHECK_VALUE(E.dim() == 2, "mmops.mlp_train_step: emb must be (vocab, n_embd), got ", E.sizes());
-  TORCH_CHECK_VALUE(W1.dim() == 2 && W1.size(1) == X.size(1) * E.size(1), "mmops.mlp_train_step: fc1_weight must be "
-                    "(n_hidden, ", X.size(1) * E.size(1), "): X's ", X.size(1), " tokens of emb's ", E.size(1),
-                    " features, got ", W1.sizes());
-  const int64_t H = W1.size(0);
-  for (const auto& [name, t] : {std::pair{"bn_weight", &gamma}, std::pair{"bn_bias", &beta},
-                                std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}})
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == H, "mmops.mlp_train_step: ", name, " must be (", H, ",), got ",
-                      t->sizes());
-  TORCH_CHECK_VALUE(W2.dim() == 2 && W2.size(1) == H, "mmops.mlp_train_step: fc2_weight must be (vocab, ", H,
-                    "), got ", W2.sizes());
-  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == W2.size(0), "mmops.mlp_train_step: fc2_bias must be (",
-                    W2.size(0), ",), got ", b2.sizes());
-}
-
 using Step = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;  // loss, then the six gradients
 
 Step mlp_train_step(const Tensor& X, const Tensor& Y, const Tensor& E,
                     const Tensor& W1, const Tensor& gamma, const Tensor& beta, const Tensor& W2, const Tensor& b2,
                     const Tensor& running_mean, const Tensor& running_var, double momentum, double eps, bool bessel,
                     double lr) {
-  check_arguments(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var);
+  // every argument checked before anything is updated in place: a step that fails leaves the model as it was
+  args::mlp_train_step(X, Y, E, W1, gamma, beta, W2, b2, running_mean, running_var);
   const auto& bn_forward = op_handles::batch_norm_forward();
   const auto& bn_backward = op_handles::batch_norm_backward();
   const auto& ce_forward = op_handles::cross_entropy_forward();

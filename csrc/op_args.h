@@ -136,4 +136,46 @@ inline RnnDims rnn(const at::Tensor& input, const at::Tensor& hx, const at::Tens
   return d;
 }
 
+// mlp_train_step (csrc/mlp_train_step.cpp): every tensor present and on emb's device, X and Y int64 token ids of one
+// batch of n > 1 rows, the float tensors of emb's dtype, and the layer shapes chained (X's tokens x emb's features =
+// fc1's inputs; fc1's outputs = BatchNorm's channels = fc2's inputs; fc2's outputs = fc2_bias).
+inline void mlp_train_step(const at::Tensor& X, const at::Tensor& Y, const at::Tensor& E, const at::Tensor& W1,
+                           const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& W2, const at::Tensor& b2,
+                           const at::Tensor& running_mean, const at::Tensor& running_var) {
+  const std::pair<const char*, const at::Tensor*> tensors[] = {
+      {"X", &X},           {"Y", &Y},          {"emb", &E},
+      {"fc1_weight", &W1}, {"bn_weight", &gamma}, {"bn_bias", &beta},
+      {"fc2_weight", &W2}, {"fc2_bias", &b2}, {"running_mean", &running_mean}, {"running_var", &running_var}};
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK_VALUE(t->defined(), "mmops.mlp_train_step: ", name, " is missing (None)");
+    TORCH_CHECK(t->device() == E.device(), "mmops.mlp_train_step: ", name, " is on ", t->device(), " but emb is on ",
+                E.device());
+  }
+  TORCH_CHECK_TYPE(X.scalar_type() == at::kLong && Y.scalar_type() == at::kLong,
+                   "mmops.mlp_train_step: X and Y must be int64 token ids, got ", X.scalar_type(), " and ",
+                   Y.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(E.scalar_type()), "mmops.mlp_train_step: emb must be floating point, got ",
+                   E.scalar_type());
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK_TYPE(t == &X || t == &Y || t->scalar_type() == E.scalar_type(), "mmops.mlp_train_step: ", name,
+                     " is ", t->scalar_type(), " but emb is ", E.scalar_type());
+  TORCH_CHECK_VALUE(X.dim() == 2 && X.size(0) > 1, "mmops.mlp_train_step: X must be (n, block_size) with n > 1 (batch "
+                    "statistics need two rows), got ", X.sizes());
+  TORCH_CHECK_VALUE(Y.dim() == 1 && Y.size(0) == X.size(0), "mmops.mlp_train_step: Y must be (n,) = (", X.size(0),
+                    ",), got ", Y.sizes());
+  TORCH_CHECK_VALUE(E.dim() == 2, "mmops.mlp_train_step: emb must be (vocab, n_embd), got ", E.sizes());
+  TORCH_CHECK_VALUE(W1.dim() == 2 && W1.size(1) == X.size(1) * E.size(1), "mmops.mlp_train_step: fc1_weight must be "
+                    "(n_hidden, ", X.size(1) * E.size(1), "): X's ", X.size(1), " tokens of emb's ", E.size(1),
+                    " features, got ", W1.sizes());
+  const int64_t H = W1.size(0);
+  for (const auto& [name, t] : {std::pair{"bn_weight", &gamma}, std::pair{"bn_bias", &beta},
+                                std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}})
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == H, "mmops.mlp_train_step: ", name, " must be (", H, ",), got ",
+                      t->sizes());
+  TORCH_CHECK_VALUE(W2.dim() == 2 && W2.size(1) == H, "mmops.mlp_train_step: fc2_weight must be (vocab, ", H,
+                    "), got ", W2.sizes());
+  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == W2.size(0), "mmops.mlp_train_step: fc2_bias must be (",
+                    W2.size(0), ",), got ", b2.sizes());
+}
+
 }  // namespace mmops::args
