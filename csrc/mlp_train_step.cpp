@@ -14,6 +14,7 @@
 // step with loss.backward() + SGD). The BatchNorm and cross-entropy math stays in their own kernels, called through
 // the dispatcher (csrc/cpu/batch_norm.cpp, cross_entropy.cpp; csrc/cuda for CUDA tensors), so the op is registered
 // once for every backend (CompositeExplicitAutograd), like the products and the scatter it calls.
+#include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/addmm.h>
@@ -26,6 +27,7 @@
 #include <tuple>
 #include <utility>
 
+#include "cpu/simd.h"
 #include "op_args.h"
 #include "op_handles.h"
 
@@ -33,8 +35,6 @@ namespace mmops {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kTanh = 1, kMean = 1;  // the activation and reduction codes of csrc/ops.cpp
 
 using Step = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;  // loss, then the six gradients
 
@@ -55,14 +55,14 @@ Step mlp_train_step(const Tensor& X, const Tensor& Y, const Tensor& E,
   const Tensor embcat = E.index_select(0, X.view(-1)).view({n, -1});
   const Tensor hprebn = embcat.mm(W1.t());
   const auto [h, mean, invstd] =
-      bn_forward.call(hprebn, gamma, beta, running_mean, running_var, true, momentum, eps, bessel, kTanh);
+      bn_forward.call(hprebn, gamma, beta, running_mean, running_var, true, momentum, eps, bessel, simd::kTanh);
   const Tensor logits = at::addmm(b2, h, W2.t());
-  const auto [loss, dlogits] = ce_forward.call(logits, Y, std::nullopt, kMean, -100, 0.0, true);
+  const auto [loss, dlogits] = ce_forward.call(logits, Y, std::nullopt, at::Reduction::Mean, -100, 0.0, true);
 
   Tensor dW2 = dlogits.t().mm(h);
   Tensor db2 = dlogits.sum(0);
   const Tensor dh = dlogits.mm(W2);
-  auto [dhprebn, dgamma, dbeta] = bn_backward.call(dh, h, hprebn, gamma, mean, invstd, true, bessel, kTanh,
+  auto [dhprebn, dgamma, dbeta] = bn_backward.call(dh, h, hprebn, gamma, mean, invstd, true, bessel, simd::kTanh,
                                                    std::array<bool, 3>{true, true, true});
   Tensor dW1 = dhprebn.t().mm(embcat);
   const Tensor dembcat = dhprebn.mm(W1);

@@ -36,7 +36,7 @@ namespace mmops {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using op_handles::OptTensor;
 
 // Thrown when a call is not one this path takes (see the top of the file); turned into NotImplemented.
 struct NotHere {};
