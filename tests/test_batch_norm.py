@@ -107,6 +107,7 @@ for seed, (N, C, act, dtype) in enumerate([(2000, 70, 0, torch.float32), (333, 2
                                            (47, 64, 0, torch.float32), (301, 7, 1, torch.float32)]):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, generator=g, dtype=dtype) * 3 + 100
+    x[:, C // 2] *= 1e19  # squares that overflow float32: this channel's blocks are summed again in double
     w, b = torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
     rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
     _, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5, False, act)
@@ -119,10 +120,11 @@ torch.save(out, sys.argv[1])
 
 
 def test_sums_are_bitwise_the_same_from_cache_and_from_memory(tmp_path):
-    # The statistics read data in cache in tiles of rows and data from memory row after row
-    # (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same order either way, so the statistics
-    # and running statistics (and the backward's sums) must not differ in a single bit (MMOPS_BN_STREAM_ABOVE_BYTES=0:
-    # every size takes the from-memory loops). A change of the summation order would move trained models' numbers.
+    # The sums read data in cache in tiles of rows and data from memory row after row
+    # (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same blocks and order either way
+    # (including a channel summed again in double), so the statistics and running statistics (and the backward's sums)
+    # must not differ in a single bit (MMOPS_BN_STREAM_ABOVE_BYTES=0: every size takes the from-memory loops). A
+    # difference would make a model's numbers depend on the machine's cache size.
     root = os.path.dirname(os.path.dirname(__file__))
     runs = {}
     for name, extra in (("cached", {}), ("memory", {"MMOPS_BN_STREAM_ABOVE_BYTES": "0"})):

@@ -7,9 +7,10 @@
 //   running_mean += momentum * (mean - running_mean)
 //   running_var  += momentum * (var_unbiased - running_var)       (PyTorch's rule: always unbiased)
 // The statistics take one read of x: shifted sums S1 = sum (x - K), S2 = sum (x - K)^2 with K = the
-// channel's first value, accumulated in double (no cancellation worth the name: the shift puts the data
-// near zero and double carries 29 more bits than float). The second read writes h = act(x * a + b) with
-// a = gamma * invstd, b = beta - mean * a.
+// channel's first value, in blocks of 16 rows summed in the input's dtype and added up in double (no cancellation
+// worth the name: the shift puts the data near zero, a block's float sum carries at most 15 roundings, and the
+// totals carry 29 more bits than float; batch_norm_kernels.cpp, "the sums"). The second read writes
+// h = act((x - mean) * a + b) with a = gamma * invstd, b = beta.
 //
 // Backward, with dy' = dh * act'(h) (1 - h^2 for tanh, [h > 0] for relu: dhpreact never exists as a tensor):
 //   dbeta  = sum dy',   dgamma = sum dy' * xhat
@@ -227,12 +228,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     T* dbp = output_mask[2] ? dbeta.mutable_data_ptr<T>() : nullptr;
     // The sums are needed for dgamma / dbeta, and for dx only with batch statistics.
     const bool sums = training || dgp || dbp;
+    const int64_t call_bytes = (activation ? 4 : 3) * x.numel() * static_cast<int64_t>(sizeof(T));  // dh, x, (h), dx
     std::vector<T> ABD(3 * s.C);  // one allocation for the three per-channel vectors
     T *A = ABD.data(), *B = A + s.C, *D = B + s.C;
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,
         [&](int64_t n0, int64_t n1, double* p) {
-          if (sums) backward_sums(activation, dhp, hp, xp, s, mp, n0, n1, p, p + s.C);
+          if (sums) backward_sums(activation, dhp, hp, xp, s, mp, n0, n1, p, p + s.C, reads_for(call_bytes));
         },
         [&](const double* Sdy, const double* Sdyx) {
           for (int64_t c = 0; c < s.C; ++c) {
@@ -243,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
         },
         [&](int64_t n0, int64_t n1) {
           if (!dxp) return;
-          if (streams((activation ? 4 : 3) * x.numel() * sizeof(T)) &&
+          if (streams(call_bytes) &&
               backward_dx_streaming(activation, dhp, hp, xp, dxp, s, mp, A, training ? B : nullptr, D, n0, n1))
             return;
           backward_dx(activation, dhp, hp, xp, dxp, s, mp, A, training ? B : nullptr, D, n0, n1);

@@ -1,14 +1,9 @@
 // BatchNorm's CPU kernels (declared in batch_norm_kernels.h; the math is at the top of batch_norm.cpp).
 //
-// One loop shape per layout, each walking memory in address order:
-//   * (N, C), the makemore case: vectorised across the channels of a row, row after row, the per-channel sums in
-//     double in memory (L1). Measured on an AMD EPYC Zen 4, 1 thread, sums of (32768, 200) float32 from DRAM
-//     (bench/loops/bn_sums.cpp): this loop 2.1-2.4 ms; four rows per update of the sums 3.7-6.5 ms;
-//     blocks of 16 rows with the sums in registers 4-6.5 ms; the same with software prefetch 1.6-4.8 ms
-//     (bimodal); a plain x.sum() 0.9-1.9 ms. Reading several rows at once is faster only from cache (0.10 against
-//     0.20 ms at (4096, 200)). An earlier design walked 32-channel tiles down blocks of 64 rows (sums and
-//     coefficients in registers): 1.3-2.4x slower than this loop from DRAM, no faster from cache.
-//   * (N, C, L): vectorised along L, channel by channel.
+// The sums of (N, C) data in blocks of 16 rows (the section "the sums" below says why and how); the elementwise
+// passes vectorised across the channels of a row, row after row, in address order. An earlier design walked
+// 32-channel tiles down blocks of 64 rows for every pass: 1.3-2.4x slower than the row loops from DRAM
+// (bench/loops/bn_sums.cpp), no faster from cache. (N, C, L) data is vectorised along L, channel by channel.
 // The activation becomes a template argument once per call (simd::with_activation), so the inner loops carry
 // no branch on it.
 #include "cpu/batch_norm_kernels.h"
@@ -16,6 +11,7 @@
 #include "cpu/simd.h"
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 #ifdef MMOPS_X86
 #include <immintrin.h>
@@ -24,63 +20,109 @@
 namespace mmops::cpu::bn {
 namespace {
 
-// ---- the generic loops ---------------------------------------------------------------------------------------
-// The statistics of (N, C) data that is in cache (Reads::kCached) go in tiles of kTileRows rows by kTileChannels
-// channels: each channel's double sums stay in registers down the tile's rows instead of being loaded and stored
-// once per row (two 64-byte stores per 8 channels, which bound the row loop from cache). Each channel still adds its
-// values row after row, so the sums are bitwise those of the row loop (tested); only the order of the reads changes.
-// Measured (AMD EPYC Zen 4, 1 thread, C = 200): bench/loops/bn_sums.cpp, (4096, 200) in cache: 0.14 ms tiled, 0.22-
-// 0.24 ms by rows; from DRAM, (32768, 200): 2.6 ms tiled, 1.5-2.2 ms by rows (the one sequential stream is what the
-// prefetchers keep up with), so data from memory keeps the row loop. The same tiles for the backward's sums (three
-// inputs) and for the elementwise passes were slower than their row loops even from cache (backward sums 226-325 us
-// against 210-219, normalize 111-143 against 99-106 at (4096, 200)), so those stay row loops.
-constexpr int64_t kTileRows = 16, kTileChannels = 32;
+// ---- the sums --------------------------------------------------------------------------------------------------
+// Every per-channel sum of (N, C) data (the statistics' S1, S2 and the backward's Sdy, Sdyx) is taken in blocks of
+// kBlockRows rows: each channel's values in a block are added in the input's dtype, row after row from 0, and the
+// block's sum is added to the channel's total in double. Adding each float32 value to a double instead cost a
+// conversion per value and twice the vector lanes per operation, which bound these loops whenever the data is in
+// cache. Measured on an AMD EPYC Zen 4, 1 thread, (4096, 200) float32 in cache (bench/loops/bn_block_sums.cpp): the
+// statistics 125 -> 64 us, the backward's sums 175 -> 120 us. A block's sum carries at most 15 roundings of float32;
+// the totals, mean and variance are still formed in double.
+// Two loop shapes compute exactly these sums (bitwise the same, tested), so the choice between them never moves a
+// number:
+//   * data in cache (Reads::kCached) with C >= kTileChannels: tiles of kBlockRows rows x kTileChannels channels,
+//     the tile's sums in registers down its rows (a row loop stores its sums to L1 after every row);
+//   * data from memory, and the channels past the last tile: row after row, the block's sums in a buffer, each row
+//     prefetched kPrefetchRows ahead. Rows in address order are what the hardware prefetchers follow from DRAM (the
+//     tiles' 32-channel walk ran at half speed there); without the software prefetch the float row loop ran 1.6-1.9x
+//     slower from DRAM than the double one it replaces (4.0-4.4 against 2.3-2.7 ms, (32768, 200) backward sums, 1
+//     thread), with it 2.0-2.5 ms.
+// (N, C, L) data is summed along L per (row, channel) in double, as before.
+constexpr int64_t kBlockRows = 16, kTileChannels = 32, kPrefetchRows = 8;
 
-// One row's channels [c0, c1) added to the sums: the statistics' one body, for the row loop and the tiles' last
-// channels.
 template <typename T>
-MMOPS_INLINE void stats_row(const T* r, const T* K, int64_t c0, int64_t c1, double* S1, double* S2) {
+MMOPS_INLINE void add_block(const T* a, const T* b, int64_t n, double* S1, double* S2) {
 #pragma omp simd
-  for (int64_t c = c0; c < c1; ++c) {
-    const double d = static_cast<double>(r[c]) - static_cast<double>(K[c]);
-    S1[c] += d;
-    S2[c] += d * d;
+  for (int64_t c = 0; c < n; ++c) {
+    S1[c] += static_cast<double>(a[c]);
+    S2[c] += static_cast<double>(b[c]);
   }
 }
 
 template <typename T>
-MMOPS_INLINE void stats_tiles(const T* x, int64_t C, const T* K, int64_t n0, int64_t n1, double* S1, double* S2) {
-  const int64_t tiled_c = C - C % kTileChannels;
-  for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
-    double a[kTileChannels], b[kTileChannels], k[kTileChannels];
+MMOPS_INLINE void prefetch_row(const T* row, int64_t C) {
+  for (int64_t byte = 0; byte < C * static_cast<int64_t>(sizeof(T)); byte += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+}
+
+// The two per-channel sums of rows [n0, n1) of (N, C) data, in blocks (above), added to S1 and S2.
+// terms(i, c, a, b) adds the terms of the value at flat index i (channel c) to a and b, in their type (T, or double
+// for a channel summed again); prefetch(n) prefetches row n of every input. buffer: 2 * C values of scratch.
+// A channel whose sums come out not finite (a value is inf or NaN, or a square or a block's sum overflows float:
+// values from about 1e19) is summed again with double blocks, so that large finite values give what double gives.
+template <typename T, typename Terms, typename Prefetch>
+MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2, T* buffer,
+                             const Terms& terms, const Prefetch& prefetch) {
+  std::vector<double> before(S1, S1 + C);  // for a channel summed again
+  before.insert(before.end(), S2, S2 + C);
+  const bool tiles = reads == Reads::kCached && C >= kTileChannels;
+  const int64_t tiled_c = tiles ? C - C % kTileChannels : 0, rest = C - tiled_c;
+  T* const a = buffer;
+  T* const b = buffer + rest;
+  for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
+    const int64_t ne = nb + kBlockRows < n1 ? nb + kBlockRows : n1;
+    for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
+      T ta[kTileChannels] = {}, tb[kTileChannels] = {};
+      for (int64_t n = nb; n < ne; ++n) {
 #pragma omp simd
-    for (int64_t c = 0; c < kTileChannels; ++c) a[c] = S1[c0 + c], b[c] = S2[c0 + c], k[c] = K[c0 + c];
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* r = x + n * C + c0;
-#pragma omp simd
-      for (int64_t c = 0; c < kTileChannels; ++c) {
-        const double d = static_cast<double>(r[c]) - k[c];
-        a[c] += d;
-        b[c] += d * d;
+        for (int64_t c = 0; c < kTileChannels; ++c) terms(n * C + c0 + c, c0 + c, ta[c], tb[c]);
       }
+      add_block(ta, tb, kTileChannels, S1 + c0, S2 + c0);
     }
+    if (rest == 0) continue;
 #pragma omp simd
-    for (int64_t c = 0; c < kTileChannels; ++c) S1[c0 + c] = a[c], S2[c0 + c] = b[c];
+    for (int64_t c = 0; c < rest; ++c) a[c] = b[c] = T(0);
+    for (int64_t n = nb; n < ne; ++n) {
+      if (!tiles && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
+#pragma omp simd
+      for (int64_t c = 0; c < rest; ++c) terms(n * C + tiled_c + c, tiled_c + c, a[c], b[c]);
+    }
+    add_block(a, b, rest, S1 + tiled_c, S2 + tiled_c);
   }
-  for (int64_t n = n0; n < n1; ++n) stats_row(x + n * C, K, tiled_c, C, S1, S2);  // past the last full tile
+  double probe = 0;  // v - v is 0 for a finite v, NaN for inf and NaN: probe is 0 when every sum is finite
+#pragma omp simd reduction(+ : probe)
+  for (int64_t c = 0; c < C; ++c) probe += (S1[c] - S1[c]) + (S2[c] - S2[c]);
+  if (probe == 0) return;
+  for (int64_t c = 0; c < C; ++c) {
+    if ((S1[c] - S1[c]) + (S2[c] - S2[c]) == 0) continue;
+    double s1 = before[c], s2 = before[C + c];
+    for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
+      double da = 0, db = 0;
+      for (int64_t n = nb; n < n1 && n < nb + kBlockRows; ++n) terms(n * C + c, c, da, db);
+      s1 += da;
+      s2 += db;
+    }
+    S1[c] = s1;
+    S2[c] = s2;
+  }
 }
 
+// Statistics: S1 += sum (x - K), S2 += sum (x - K)^2 per channel.
 template <typename T>
 MMOPS_INLINE void stats_rows(const T* x, Shape s, const T* K, int64_t n0, int64_t n1, double* S1, double* S2,
                              Reads reads) {
   const int64_t C = s.C, L = s.L;
-  if (L == 1 && reads == Reads::kCached && C >= kTileChannels) {
-    for (int64_t n = n0; n < n1; n += kTileRows)
-      stats_tiles(x, C, K, n, n + kTileRows < n1 ? n + kTileRows : n1, S1, S2);
-    return;
-  }
-  if (L == 1) {  // (N, C): vectorise across the channels of a row, row after row (see the top of the file)
-    for (int64_t n = n0; n < n1; ++n) stats_row(x + n * C, K, 0, C, S1, S2);
+  if (L == 1) {
+    std::vector<T> buffer(2 * C);
+    block_sums(
+        C, n0, n1, reads, S1, S2, buffer.data(),
+        [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
+          using A = std::remove_reference_t<decltype(a)>;
+          const A d = static_cast<A>(x[i]) - static_cast<A>(K[c]);
+          a += d;
+          b += d * d;
+        },
+        [&](int64_t n) MMOPS_INLINE_LAMBDA { prefetch_row(x + n * C, C); });
     return;
   }
   for (int64_t n = n0; n < n1; ++n)  // (N, C, L): vectorise along L
@@ -122,20 +164,26 @@ MMOPS_INLINE void normalize_rows(const T* x, T* h, Shape s, const T* m, const T*
     }
 }
 
+// The backward's sums: Sdy += sum dy', Sdyx += sum dy' (x - mean) per channel.
 template <int kAct, typename T>
 MMOPS_INLINE void backward_sums_rows(const T* dh, const T* h, const T* x, Shape s, const T* mean, int64_t n0,
-                                     int64_t n1, double* Sdy, double* Sdyx) {
+                                     int64_t n1, double* Sdy, double* Sdyx, Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t o = n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T g = simd::act_grad<kAct>(dh[o + c], h[o + c]);
-        Sdy[c] += static_cast<double>(g);
-        Sdyx[c] += static_cast<double>(g * (x[o + c] - mean[c]));
-      }
-    }
+    std::vector<T> buffer(2 * C);
+    block_sums(
+        C, n0, n1, reads, Sdy, Sdyx, buffer.data(),
+        [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
+          using A = std::remove_reference_t<decltype(a)>;
+          const T g = simd::act_grad<kAct>(dh[i], h[i]);
+          a += static_cast<A>(g);
+          b += static_cast<A>(g * (x[i] - mean[c]));
+        },
+        [&](int64_t n) MMOPS_INLINE_LAMBDA {
+          prefetch_row(dh + n * C, C);
+          prefetch_row(x + n * C, C);
+          if (kAct != simd::kIdentity) prefetch_row(h + n * C, C);
+        });
     return;
   }
   for (int64_t n = n0; n < n1; ++n)
@@ -194,9 +242,9 @@ MMOPS_INLINE void normalize_any(int64_t act, const T* x, T* h, Shape s, const T*
 
 template <typename T>
 MMOPS_INLINE void backward_sums_any(int64_t act, const T* dh, const T* h, const T* x, Shape s, const T* mean,
-                                    int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
+                                    int64_t n0, int64_t n1, double* Sdy, double* Sdyx, Reads reads) {
   simd::with_activation(act, [&](auto A) MMOPS_INLINE_LAMBDA {
-    backward_sums_rows<decltype(A)::value>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+    backward_sums_rows<decltype(A)::value>(dh, h, x, s, mean, n0, n1, Sdy, Sdyx, reads);
   });
 }
 
@@ -231,12 +279,13 @@ void normalize(int64_t act, const double* x, double* h, Shape s, const double* m
 }
 
 MMOPS_SIMD_CLONES void backward_sums(int64_t act, const float* dh, const float* h, const float* x, Shape s,
-                                     const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
-  backward_sums_any(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+                                     const float* mean, int64_t n0, int64_t n1, double* Sdy, double* Sdyx,
+                                     Reads reads) {
+  backward_sums_any(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx, reads);
 }
 void backward_sums(int64_t act, const double* dh, const double* h, const double* x, Shape s, const double* mean,
-                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx) {
-  backward_sums_any(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx);
+                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx, Reads reads) {
+  backward_sums_any(act, dh, h, x, s, mean, n0, n1, Sdy, Sdyx, reads);
 }
 
 MMOPS_SIMD_CLONES void backward_dx(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,

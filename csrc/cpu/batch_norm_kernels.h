@@ -12,11 +12,11 @@ struct Shape {
   int64_t N, C, L;  // channel c of row n starts at (n * C + c) * L
 };
 
-// Where the statistics' input is: in cache (read in tiles of rows, faster there) or coming from memory (read row
-// after row, what the prefetchers keep up with). The sums are bitwise the same either way (batch_norm_kernels.cpp).
+// Where the sums' inputs are: in cache (read in tiles of rows, faster there) or coming from memory (read row after
+// row, what the prefetchers keep up with). The sums are bitwise the same either way (batch_norm_kernels.cpp).
 enum class Reads { kCached, kFromMemory };
 
-// Statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2, in double.
+// Statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2, in blocks of rows added in double.
 void stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);
 void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);
 
@@ -26,11 +26,12 @@ void normalize(int64_t act, const float* x, float* h, Shape s, const float* m, c
 void normalize(int64_t act, const double* x, double* h, Shape s, const double* m, const double* a, const double* b,
                int64_t n0, int64_t n1);
 
-// The backward's sums: Sdy[c] += sum dy', Sdyx[c] += sum dy' (x - mean[c]), dy' = dh * act'(h), in double.
+// The backward's sums: Sdy[c] += sum dy', Sdyx[c] += sum dy' (x - mean[c]), dy' = dh * act'(h), in blocks of rows
+// added in double.
 void backward_sums(int64_t act, const float* dh, const float* h, const float* x, Shape s, const float* mean,
-                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx);
+                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx, Reads reads);
 void backward_sums(int64_t act, const double* dh, const double* h, const double* x, Shape s, const double* mean,
-                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx);
+                   int64_t n0, int64_t n1, double* Sdy, double* Sdyx, Reads reads);
 
 // dx = A[c] dy' + B[c] (x - m[c]) + D[c] (batch statistics), or dx = A[c] dy' when B is null (eval mode: the
 // (x - mean) term is absent, not 0 * (x - mean), so a NaN or inf in x does not reach dx, as in PyTorch).

@@ -75,7 +75,10 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
     const T* mp = m.const_data_ptr<T>();
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,
-        [&](int64_t n0, int64_t n1, double* p) { backward_sums(activation, dhp, hp, xp, s, mp, n0, n1, p, p + s.C); },
+        [&](int64_t n0, int64_t n1, double* p) {
+          backward_sums(activation, dhp, hp, xp, s, mp, n0, n1, p, p + s.C,
+                        reads_for((activation ? 3 : 2) * x.numel() * static_cast<int64_t>(sizeof(T))));
+        },
         [&](const double* Sdy, const double* Sdyx) {
           std::copy(Sdy, Sdy + s.C, sdy.mutable_data_ptr<double>());
           std::copy(Sdyx, Sdyx + s.C, sdyx.mutable_data_ptr<double>());
