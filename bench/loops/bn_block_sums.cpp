@@ -8,12 +8,13 @@
 //   /tmp/bn_block_sums 32768 memory      (26 MB per tensor: from DRAM)
 //
 // Measured on an AMD EPYC Zen 4 (this project's VM), 1 thread, medians of two runs:
-//   (4096, 200) in cache:  statistics double tiles 133-145 us, block tiles 79-82 us;
-//                          backward sums double rows 184-221 us, block tiles 145-185 us;
-//   (32768, 200) memory:   statistics double rows 2.3-2.6 ms, block rows 1.8-2.3 ms;
-//                          backward sums double rows 3.0-3.4 ms, block rows 2.8-3.4 ms,
-//                          block rows without the software prefetch 4.0-4.4 ms.
-// Printed with each: the largest difference to the double rows' sums, relative to the sum of the terms' magnitudes.
+//   (4096, 200) in cache:  statistics double rows 169-170 us, double tiles (the former kernel) 142-143 us, kernel
+//                          77-79 us; backward sums double rows (the former kernel) 196 us, kernel 132 us;
+//   (32768, 200) memory:   statistics double rows (the former kernel) 2.2 ms, kernel 1.6-1.7 ms; backward sums
+//                          double rows (the former kernel) 2.7-2.9 ms, kernel 2.7-2.9 ms, block rows without the
+//                          software prefetch 4.1-4.4 ms.
+// Printed with each: the largest difference to the double rows' sums, relative to the sum of the terms' magnitudes
+// (~1e-8).
 #include "../../csrc/cpu/batch_norm_kernels.cpp"
 
 #include <algorithm>

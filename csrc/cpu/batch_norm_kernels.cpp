@@ -24,21 +24,24 @@ namespace {
 // Every per-channel sum of (N, C) data (the statistics' S1, S2 and the backward's Sdy, Sdyx) is taken in blocks of
 // kBlockRows rows: each channel's values in a block are added in the input's dtype, row after row from 0, and the
 // block's sum is added to the channel's total in double. Adding each float32 value to a double instead cost a
-// conversion per value and twice the vector lanes per operation, which bound these loops whenever the data is in
-// cache. Measured on an AMD EPYC Zen 4, 1 thread, (4096, 200) float32 in cache (bench/loops/bn_block_sums.cpp): the
-// statistics 125 -> 64 us, the backward's sums 175 -> 120 us. A block's sum carries at most 15 roundings of float32;
-// the totals, mean and variance are still formed in double.
-// Two loop shapes compute exactly these sums (bitwise the same, tested), so the choice between them never moves a
-// number:
-//   * data in cache (Reads::kCached) with C >= kTileChannels: tiles of kBlockRows rows x kTileChannels channels,
-//     the tile's sums in registers down its rows (a row loop stores its sums to L1 after every row);
-//   * data from memory, and the channels past the last tile: row after row, the block's sums in a buffer, each row
-//     prefetched kPrefetchRows ahead. Rows in address order are what the hardware prefetchers follow from DRAM (the
-//     tiles' 32-channel walk ran at half speed there); without the software prefetch the float row loop ran 1.6-1.9x
-//     slower from DRAM than the double one it replaces (4.0-4.4 against 2.3-2.7 ms, (32768, 200) backward sums, 1
-//     thread), with it 2.0-2.5 ms.
+// conversion per value and half the vector width, which bound these loops whenever the data is in cache. A block's
+// sum carries at most 15 float32 roundings; the totals, mean and variance are formed in double. Measured with
+// bench/loops/bn_block_sums.cpp (the former loops and these kernels in one process), AMD EPYC Zen 4, 1 thread,
+// medians of two runs: (4096, 200) in cache: statistics 142-143 us (double tiles) -> 77-79 us, backward sums 196 us
+// (double rows) -> 132 us; (32768, 200) from memory: statistics 2.2 -> 1.6-1.7 ms, backward sums 2.7-2.9 ms either
+// way. The sums differ from the double ones by ~1e-8 of the sum of the terms' magnitudes.
+// Loop shapes, which compute exactly the same sums (bitwise, tested), so the choice never moves a number:
+//   * the statistics of data in cache (Reads::kCached) with C >= kTileChannels: tiles of kBlockRows rows x
+//     kTileChannels channels, the tile's sums in registers down its rows (the row loop: 1.6x slower);
+//   * everything else: row after row, the block's sums on the stack. Rows in address order are what the hardware
+//     prefetchers follow from DRAM (a tile's 32-channel walk ran at half speed there), and the backward's sums read
+//     two or three inputs, which tiles walked no faster even in cache. From memory each row is prefetched
+//     kPrefetchRows ahead: without it the float row loop ran 1.5x slower from DRAM than the double one it replaces
+//     (4.1-4.4 against 2.7-2.9 ms above); 2 rows ahead measured best of 1, 2, 3, 4, 8 and 16. Not recovered: with
+//     tanh's third input (dh, h, x) from memory, these sums take 4.1-4.5 ms against 3.3-3.5 for the double rows (1
+//     thread; the backward at (32768, 200) + tanh, 2 threads: ~10% slower, while its forward got ~15% faster).
 // (N, C, L) data is summed along L per (row, channel) in double, as before.
-constexpr int64_t kBlockRows = 16, kTileChannels = 32, kPrefetchRows = 8;
+constexpr int64_t kBlockRows = 16, kTileChannels = 32, kRowChannels = 512, kPrefetchRows = 2;
 
 template <typename T>
 MMOPS_INLINE void add_block(const T* a, const T* b, int64_t n, double* S1, double* S2) {
@@ -57,18 +60,17 @@ MMOPS_INLINE void prefetch_row(const T* row, int64_t C) {
 
 // The two per-channel sums of rows [n0, n1) of (N, C) data, in blocks (above), added to S1 and S2.
 // terms(i, c, a, b) adds the terms of the value at flat index i (channel c) to a and b, in their type (T, or double
-// for a channel summed again); prefetch(n) prefetches row n of every input. buffer: 2 * C values of scratch.
+// for a channel summed again); prefetch(n) prefetches row n of every input.
 // A channel whose sums come out not finite (a value is inf or NaN, or a square or a block's sum overflows float:
 // values from about 1e19) is summed again with double blocks, so that large finite values give what double gives.
-template <typename T, typename Terms, typename Prefetch>
-MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2, T* buffer,
+template <bool kTilesInCache, typename T, typename Terms, typename Prefetch>
+MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2,
                              const Terms& terms, const Prefetch& prefetch) {
   std::vector<double> before(S1, S1 + C);  // for a channel summed again
   before.insert(before.end(), S2, S2 + C);
-  const bool tiles = reads == Reads::kCached && C >= kTileChannels;
-  const int64_t tiled_c = tiles ? C - C % kTileChannels : 0, rest = C - tiled_c;
-  T* const a = buffer;
-  T* const b = buffer + rest;
+  const bool tiles = kTilesInCache && reads == Reads::kCached && C >= kTileChannels;
+  const bool from_memory = reads == Reads::kFromMemory;
+  const int64_t tiled_c = tiles ? C - C % kTileChannels : 0;
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
     const int64_t ne = nb + kBlockRows < n1 ? nb + kBlockRows : n1;
     for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
@@ -79,15 +81,21 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
       }
       add_block(ta, tb, kTileChannels, S1 + c0, S2 + c0);
     }
-    if (rest == 0) continue;
+    // The row loop, over at most kRowChannels channels at a time: its block sums live on the stack, where the
+    // compiler can see that storing them does not change the inputs (in a heap buffer it reloaded dh after each
+    // store: 147 against 128 us for the backward's sums at (4096, 200)).
+    for (int64_t cs = tiled_c; cs < C; cs += kRowChannels) {
+      const int64_t width = C - cs < kRowChannels ? C - cs : kRowChannels;
+      alignas(64) T a[kRowChannels], b[kRowChannels];
 #pragma omp simd
-    for (int64_t c = 0; c < rest; ++c) a[c] = b[c] = T(0);
-    for (int64_t n = nb; n < ne; ++n) {
-      if (!tiles && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
+      for (int64_t c = 0; c < width; ++c) a[c] = b[c] = T(0);
+      for (int64_t n = nb; n < ne; ++n) {
+        if (from_memory && cs == tiled_c && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
 #pragma omp simd
-      for (int64_t c = 0; c < rest; ++c) terms(n * C + tiled_c + c, tiled_c + c, a[c], b[c]);
+        for (int64_t c = 0; c < width; ++c) terms(n * C + cs + c, cs + c, a[c], b[c]);
+      }
+      add_block(a, b, width, S1 + cs, S2 + cs);
     }
-    add_block(a, b, rest, S1 + tiled_c, S2 + tiled_c);
   }
   double probe = 0;  // v - v is 0 for a finite v, NaN for inf and NaN: probe is 0 when every sum is finite
 #pragma omp simd reduction(+ : probe)
@@ -113,9 +121,8 @@ MMOPS_INLINE void stats_rows(const T* x, Shape s, const T* K, int64_t n0, int64_
                              Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1) {
-    std::vector<T> buffer(2 * C);
-    block_sums(
-        C, n0, n1, reads, S1, S2, buffer.data(),
+    block_sums<true, T>(
+        C, n0, n1, reads, S1, S2,
         [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
           using A = std::remove_reference_t<decltype(a)>;
           const A d = static_cast<A>(x[i]) - static_cast<A>(K[c]);
@@ -170,9 +177,8 @@ MMOPS_INLINE void backward_sums_rows(const T* dh, const T* h, const T* x, Shape 
                                      int64_t n1, double* Sdy, double* Sdyx, Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1) {
-    std::vector<T> buffer(2 * C);
-    block_sums(
-        C, n0, n1, reads, Sdy, Sdyx, buffer.data(),
+    block_sums<false, T>(
+        C, n0, n1, reads, Sdy, Sdyx,
         [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
           using A = std::remove_reference_t<decltype(a)>;
           const T g = simd::act_grad<kAct>(dh[i], h[i]);
