@@ -7,11 +7,11 @@
 //   /tmp/bn_block_sums 4096 cached       (C = 200; 3.3 MB per tensor: in cache)
 //   /tmp/bn_block_sums 32768 memory      (26 MB per tensor: from DRAM)
 //
-// Measured on an AMD EPYC Zen 4 (this project's VM), 1 thread, medians of two runs:
+// Measured on an AMD EPYC Zen 4 (this project's VM), 1 thread, medians:
 //   (4096, 200) in cache:  statistics double rows 169-170 us, double tiles (the former kernel) 142-143 us, kernel
 //                          77-79 us; backward sums double rows (the former kernel) 196 us, kernel 132 us;
-//   (32768, 200) memory:   statistics double rows (the former kernel) 2.2 ms, kernel 1.6-1.7 ms; backward sums
-//                          double rows (the former kernel) 2.7-2.9 ms, kernel 2.7-2.9 ms, block rows without the
+//   (32768, 200) memory:   statistics double rows (the former kernel) 2.2-2.3 ms, kernel 1.3 ms; backward sums
+//                          double rows (the former kernel) 2.9-3.0 ms, kernel 2.2 ms, block rows without the
 //                          software prefetch 4.1-4.4 ms.
 // Printed with each: the largest difference to the double rows' sums, relative to the sum of the terms' magnitudes
 // (~1e-8).

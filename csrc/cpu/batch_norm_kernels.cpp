@@ -27,21 +27,26 @@ namespace {
 // conversion per value and half the vector width, which bound these loops whenever the data is in cache. A block's
 // sum carries at most 15 float32 roundings; the totals, mean and variance are formed in double. Measured with
 // bench/loops/bn_block_sums.cpp (the former loops and these kernels in one process), AMD EPYC Zen 4, 1 thread,
-// medians of two runs: (4096, 200) in cache: statistics 142-143 us (double tiles) -> 77-79 us, backward sums 196 us
-// (double rows) -> 132 us; (32768, 200) from memory: statistics 2.2 -> 1.6-1.7 ms, backward sums 2.7-2.9 ms either
-// way. The sums differ from the double ones by ~1e-8 of the sum of the terms' magnitudes.
+// medians: (4096, 200) in cache: statistics 142-143 us (double tiles) -> 77-79 us, backward sums 196 us (double
+// rows) -> 132 us; (32768, 200) from memory (with the prefetch below): statistics 2.2-2.3 -> 1.3 ms, backward sums
+// 2.9-3.0 -> 2.2 ms. The sums differ from the double ones by ~1e-8 of the sum of the terms' magnitudes.
 // Loop shapes, which compute exactly the same sums (bitwise, tested), so the choice never moves a number:
 //   * the statistics of data in cache (Reads::kCached) with C >= kTileChannels: tiles of kBlockRows rows x
 //     kTileChannels channels, the tile's sums in registers down its rows (the row loop: 1.6x slower);
 //   * everything else: row after row, the block's sums on the stack. Rows in address order are what the hardware
 //     prefetchers follow from DRAM (a tile's 32-channel walk ran at half speed there), and the backward's sums read
-//     two or three inputs, which tiles walked no faster even in cache. From memory each row is prefetched
-//     kPrefetchRows ahead: without it the float row loop ran 1.5x slower from DRAM than the double one it replaces
-//     (4.1-4.4 against 2.7-2.9 ms above); 2 rows ahead measured best of 1, 2, 3, 4, 8 and 16. Not recovered: with
-//     tanh's third input (dh, h, x) from memory, these sums take 4.1-4.5 ms against 3.3-3.5 for the double rows (1
-//     thread; the backward at (32768, 200) + tanh, 2 threads: ~10% slower, while its forward got ~15% faster).
+//     two or three inputs, which tiles walked no faster even in cache. From memory each row is prefetched into L2
+//     (prefetcht1) kPrefetchRows ahead, as are the inputs of the elementwise passes from memory (flat_run below).
+//     Without it the float row loop ran 1.5x slower from DRAM than the double one it replaced (4.1-4.4 against
+//     2.7-2.9 ms, backward sums at (32768, 200)); into L1 2 rows ahead it matched the double loop, and with tanh's
+//     third input lost 1.2x to it. Into L2 8 rows ahead (of 2 to 16 rows, into L1 or L2), 1 thread, (32768, 200),
+//     the former kernels and these in one process (old -> new, medians): statistics 2.0-2.2 -> 1.1-1.2 ms, backward
+//     sums 2.6-2.7 -> 1.8 ms (tanh 3.5-3.6 -> 3.2-3.3), normalise 1.65-1.7 -> 1.35-1.4 ms (tanh: 3.3 either way,
+//     bound by tanh itself), dx 2.5-2.55 -> 2.1 ms (tanh 3.4-3.45 -> 3.1-3.2). At 2 threads, which share the memory
+//     bandwidth, op by op: forward 1.7-1.8 -> 1.5-1.6 ms, backward 2.3-2.5 -> 2.2-2.5 ms; with tanh forward 2.6-3.5
+//     -> 2.2-2.3 ms, backward 3.5-4.0 -> 3.9-4.2 ms (minima).
 // (N, C, L) data is summed along L per (row, channel) in double, as before.
-constexpr int64_t kBlockRows = 16, kTileChannels = 32, kRowChannels = 512, kPrefetchRows = 2;
+constexpr int64_t kBlockRows = 16, kTileChannels = 32, kRowChannels = 512, kPrefetchRows = 8;
 
 template <typename T>
 MMOPS_INLINE void add_block(const T* a, const T* b, int64_t n, double* S1, double* S2) {
@@ -55,7 +60,7 @@ MMOPS_INLINE void add_block(const T* a, const T* b, int64_t n, double* S1, doubl
 template <typename T>
 MMOPS_INLINE void prefetch_row(const T* row, int64_t C) {
   for (int64_t byte = 0; byte < C * static_cast<int64_t>(sizeof(T)); byte += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte, 0, 2);  // into L2 (prefetcht1)
 }
 
 // The two per-channel sums of rows [n0, n1) of (N, C) data, in blocks (above), added to S1 and S2.
@@ -333,7 +338,9 @@ MMOPS_AVX512 void flat_run(const Op& op, float* out, int64_t C, int64_t n0, int6
     op.one(i, c);
     if (++c == C) c = 0;
   }
+  const int64_t ahead = kPrefetchRows * C;  // the inputs are prefetched as the sums' rows are (above)
   for (; i + 16 <= end; i += 16) {
+    if (i + ahead < end) op.prefetch(i + ahead);
     op.chunk(i, c);
     for (c += 16; c >= C;) c -= C;
   }
@@ -349,6 +356,7 @@ struct NormalizeOp {  // h = act((x - m) a + b)
   const float *x, *me, *ae, *be;
   float* h;
   MMOPS_AVX512 void one(int64_t i, int64_t c) const { h[i] = simd::activate<kAct>((x[i] - me[c]) * ae[c] + be[c]); }
+  MMOPS_AVX512 void prefetch(int64_t i) const { __builtin_prefetch(x + i, 0, 2); }
   MMOPS_AVX512 void chunk(int64_t i, int64_t c) const {
     _mm512_stream_ps(h + i, simd::activate<kAct>((load16(x + i) - load16(me + c)) * load16(ae + c) + load16(be + c)));
   }
@@ -358,6 +366,11 @@ template <int kAct, bool kEval>
 struct DxOp {  // dx = A dy' + B (x - m) + D, or A dy' (kEval)
   const float *dh, *h, *x, *Ae, *Be, *De, *me;
   float* dx;
+  MMOPS_AVX512 void prefetch(int64_t i) const {
+    __builtin_prefetch(dh + i, 0, 2);
+    if (kAct) __builtin_prefetch(h + i, 0, 2);
+    if (!kEval) __builtin_prefetch(x + i, 0, 2);
+  }
   MMOPS_AVX512 void one(int64_t i, int64_t c) const {
     const float g = Ae[c] * simd::act_grad<kAct>(dh[i], h[i]);
     dx[i] = kEval ? g : g + Be[c] * (x[i] - me[c]) + De[c];
