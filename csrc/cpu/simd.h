@@ -101,6 +101,32 @@ MMOPS_INLINE V exp(V x) {
   return x < lo ? V{} : res;
 }
 
+#ifdef MMOPS_X86
+// The same exp on a __m512 in AVX-512 instructions, bitwise equal to exp<__m512> above on every input (tested over
+// every float from -128 to 128 and the specials by bench/loops/exp_avx512.cpp): the clamps as vminps / vmaxps with
+// the operands in the order that returns x for a NaN (2 instructions where the selects take 4), and 2^n by vscalefps
+// (exact for the integral n in [-126, 128], where the template builds the exponent bits: 1 instruction for 4).
+// 17 instructions where GCC makes 22 of the template: 36 -> 27 us for 131,072 values (bench/loops/exp_avx512.cpp, AMD
+// EPYC Zen 4, 1 thread). The AVX-512 cross-entropy rows (C <= 32) spend most of their time in two of these per row:
+// cross_entropy_forward at (4096, 27), 2 threads, 54-55 -> 46 us, with the same bits.
+MMOPS_AVX512 __m512 exp(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f), magic = _mm512_set1_ps(12582912.0f);
+  __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);  // x > hi ? hi : x (a NaN x is returned)
+  xc = _mm512_max_ps(lo, xc);                                          // xc < lo ? lo : xc
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500E-4f), _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_US), p, n);  // x < lo: 0
+}
+#endif
+
 // double: libm's exp (the double paths are for checking, not for speed).
 MMOPS_INLINE double exp(double x) { return __builtin_exp(x); }
 
