@@ -1,0 +1,45 @@
+"""The CPU kernels' plain-C++ checks in bench/loops, built with setup.py's flags and run here: each program compares
+a kernel with the code it replaced and prints the difference, which these tests bound.
+
+* exp_avx512.cpp: simd::exp's AVX-512 overload is bitwise the portable template on every float in [-128, 128]
+  (the cross-entropy rows' bits depend on it). Skipped on a CPU without AVX-512.
+* bn_block_sums.cpp: BatchNorm's block sums (the kernels' own source) agree with double sums to ~1e-8 of the sum of
+  the terms' magnitudes, in cache and from memory.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-I", os.path.join(ROOT, "csrc")]  # setup.py's
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) on PATH")
+
+
+def _build_and_run(tmp_path, source, *args, timeout=300):
+    exe = str(tmp_path / os.path.splitext(source)[0])
+    subprocess.run([CXX, *FLAGS, os.path.join(ROOT, "bench", "loops", source), "-o", exe], check=True,
+                   capture_output=True, timeout=timeout)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_exp_avx512_is_bitwise_the_template(tmp_path):
+    run = _build_and_run(tmp_path, "exp_avx512.cpp")
+    if "no AVX-512" in run.stdout:
+        pytest.skip("this CPU has no AVX-512: the overload is never called here")
+    assert run.returncode == 0, run.stdout + run.stderr
+    checked, differ = map(int, re.search(r"(\d+) values checked, (\d+) differ", run.stdout).groups())
+    assert checked > 2_000_000_000 and differ == 0, run.stdout
+
+
+@pytest.mark.parametrize("rows, where", [(512, "cached"), (1000, "memory")])
+def test_block_sums_agree_with_double_sums(tmp_path, rows, where):
+    run = _build_and_run(tmp_path, "bn_block_sums.cpp", str(rows), where)
+    assert run.returncode == 0, run.stdout + run.stderr
+    diffs = [float(d) for d in re.findall(r"difference to double rows ([0-9.e+-]+)", run.stdout)]
+    assert len(diffs) == 6, run.stdout
+    assert max(diffs) < 1e-6, run.stdout  # float32 block sums: ~1e-8 of the terms' magnitudes
