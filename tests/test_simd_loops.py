@@ -3,6 +3,8 @@ a kernel with the code it replaced and prints the difference, which these tests 
 
 * exp_avx512.cpp: simd::exp's AVX-512 overload is bitwise the portable template on every float in [-128, 128]
   (the cross-entropy rows' bits depend on it). Skipped on a CPU without AVX-512.
+* ce_short_rows.cpp: the cross-entropy forward's AVX-512 short-row kernel (4 rows interleaved) writes bitwise what
+  the row-at-a-time kernel it replaced wrote, for every C <= 32, with ignored rows and in place.
 * bn_block_sums.cpp: BatchNorm's block sums (the kernels' own source) agree with double sums to ~1e-8 of the sum of
   the terms' magnitudes, in cache and from memory.
 """
@@ -34,6 +36,15 @@ def test_exp_avx512_is_bitwise_the_template(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     checked, differ = map(int, re.search(r"(\d+) values checked, (\d+) differ", run.stdout).groups())
     assert checked > 2_000_000_000 and differ == 0, run.stdout
+
+
+def test_ce_short_rows_are_bitwise_the_row_at_a_time_kernel(tmp_path):
+    run = _build_and_run(tmp_path, "ce_short_rows.cpp")
+    if "no AVX-512" in run.stdout:
+        pytest.skip("this CPU has no AVX-512: the kernel is never called here")
+    assert run.returncode == 0, run.stdout + run.stderr
+    checked, differ = map(int, re.search(r"(\d+) cases checked, (\d+) differ", run.stdout).groups())
+    assert checked == 32 * 7 * 8 and differ == 0, run.stdout
 
 
 @pytest.mark.parametrize("rows, where", [(512, "cached"), (1000, "memory")])

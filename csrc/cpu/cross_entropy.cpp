@@ -32,6 +32,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/cross_entropy_short_rows.h"
 #include "cpu/output_cache.h"
 #include "cpu/simd.h"
 #include "op_args.h"
@@ -41,21 +42,7 @@ namespace {
 
 using at::Tensor;
 
-// One forward call's operands, in the names of the math above.
-template <typename T>
-struct CEArgs {
-  const T* x = nullptr;        // (N, C) logits, contiguous
-  int64_t C = 0;
-  const int64_t* y = nullptr;  // (N,) class indices, or
-  const T* t = nullptr;        // (N, C) class probabilities
-  const T* w = nullptr;        // (C,) class weights or nullptr
-  T weight_sum = 0;            // W = sum of w (C when w is absent)
-  int64_t ignore_index = -100;
-  T smoothing = 0;             // e
-  T grad_scale = 1;            // r = 1/D for "mean", else 1
-  T* grad = nullptr;           // (N, C) gradient out (may alias x: inplace_backward), or nullptr
-  T* loss_rows = nullptr;      // (N,) per-row loss for reduction "none", or nullptr
-};
+using cpu::CEArgs;
 
 // Rows shorter than kBlockElements are processed in blocks of about kBlockElements values (so that a block
 // of x and of the gradient stays in L1 between the passes): for short rows (C = 27) a per-row exp
@@ -298,87 +285,7 @@ MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t
 }
 
 #ifdef MMOPS_X86
-// Short rows on AVX-512 (C <= 32: makemore's 27 characters), for the plain case (class-index targets, no
-// weight, no smoothing; the others take the generic blocks). A whole row sits in one or two zmm registers
-// filled by masked loads, so max, exp, sum and the gradient store take a handful of instructions and no
-// scalar remainder loop. Lanes past C load as -inf (they never win the max) and are zeroed after the exp
-// with maskz; nothing outside the row is read or written (masked lanes do not fault).
-//
-// Rows go in groups of 16: the per-row work (no call inside) first, then the losses, whose log is a libm
-// call: a call clobbers every zmm register, so none may sit between a row's exp and its gradient store.
-// For "mean"/"sum" the 16 rows share one log: sum_r log(s_r) = log(prod_r s_r), and with 1 <= s_r <= 32
-// (exp(0) = 1 at the max) the product stays below 2^80 in double; a NaN s propagates through it.
-constexpr int kShortRowGroup = 16;
-
-template <bool kTwoVectors>
-MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
-  const int64_t C = a.C;
-  const __mmask16 k0 = C >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << C) - 1);
-  const __mmask16 k1 = C > 16 ? __mmask16((1u << (C - 16)) - 1) : __mmask16(0);
-  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
-  const __m512 grad_scale = _mm512_set1_ps(a.grad_scale);
-  float row_sum[kShortRowGroup], gap[kShortRowGroup];  // s and m - x_y per row of the group
-  double total = 0;
-  for (int64_t i0 = begin; i0 < end; i0 += kShortRowGroup) {
-    const int rows = static_cast<int>(std::min<int64_t>(kShortRowGroup, end - i0));
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r, y = a.y[i];
-      const float* x = a.x + i * C;
-      float* g = a.grad ? a.grad + i * C : nullptr;
-      if (y == a.ignore_index) {  // loss log(1) + 0 = 0, gradient row 0
-        row_sum[r] = 1.0f;
-        gap[r] = 0.0f;
-        if (g) {
-          _mm512_mask_storeu_ps(g, k0, _mm512_setzero_ps());
-          if (kTwoVectors) _mm512_mask_storeu_ps(g + 16, k1, _mm512_setzero_ps());
-        }
-        continue;
-      }
-      const float x_y = x[y];  // read before the gradient store (which may overwrite x)
-      const __m512 x0 = _mm512_mask_loadu_ps(neg_inf, k0, x);
-      const __m512 x1 = kTwoVectors ? _mm512_mask_loadu_ps(neg_inf, k1, x + 16) : neg_inf;
-      const float m = _mm512_reduce_max_ps(kTwoVectors ? _mm512_max_ps(x0, x1) : x0);
-      const __m512 vm = _mm512_set1_ps(m);
-      // Padded lanes hold -inf - m = -inf: simd::exp clamps them to exp(-87) (a normal number) and selects 0
-      // through a compare, so no lane ever holds a subnormal; maskz makes them 0 even when m is -inf or NaN.
-      const __m512 e0 = _mm512_maskz_mov_ps(k0, simd::exp(_mm512_sub_ps(x0, vm)));
-      const __m512 e1 = kTwoVectors ? _mm512_maskz_mov_ps(k1, simd::exp(_mm512_sub_ps(x1, vm))) : _mm512_setzero_ps();
-      const float s = _mm512_reduce_add_ps(kTwoVectors ? _mm512_add_ps(e0, e1) : e0);
-      row_sum[r] = s;
-      gap[r] = m - x_y;
-      if (g) {  // r (e / s - onehot(y)): the one-hot subtraction in the register
-        const __m512 coef = _mm512_set1_ps(a.grad_scale / s);
-        const __mmask16 hot0 = y < 16 ? __mmask16(1u << y) : __mmask16(0);
-        const __m512 p0 = _mm512_mul_ps(e0, coef);
-        _mm512_mask_storeu_ps(g, k0, _mm512_mask_sub_ps(p0, hot0, p0, grad_scale));
-        if (kTwoVectors) {
-          const __mmask16 hot1 = y >= 16 ? __mmask16(1u << (y - 16)) : __mmask16(0);
-          const __m512 p1 = _mm512_mul_ps(e1, coef);
-          _mm512_mask_storeu_ps(g + 16, k1, _mm512_mask_sub_ps(p1, hot1, p1, grad_scale));
-        }
-      }
-    }
-    if (a.loss_rows) {
-      for (int r = 0; r < rows; ++r) {
-        const float loss = std::log(row_sum[r]) + gap[r];
-        a.loss_rows[i0 + r] = loss;
-        total += loss;
-      }
-    } else {
-      double prod = 1;
-      for (int r = 0; r < rows; ++r) {
-        total += gap[r];
-        prod *= row_sum[r];
-      }
-      total += std::log(prod);
-    }
-  }
-  return total;
-}
-
-MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, int64_t end) {
-  return a.C > 16 ? ce_short_rows_avx512<true>(a, begin, end) : ce_short_rows_avx512<false>(a, begin, end);
-}
+using cpu::ce_short_rows_avx512;
 
 // out[i, :] = g[i, :] * go[i * go_stride] with full vectors and one masked tail per row (no scalar loop).
 MMOPS_AVX512_TARGET void scale_rows_avx512(const float* g, float* out, int64_t rows, int64_t C, const float* go,
