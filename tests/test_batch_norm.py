@@ -87,6 +87,37 @@ def test_float32_path_matches_float64(shape, activation, offset):
     torch.testing.assert_close(rv32, rv64.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, row, value", [((32, 200), 0, 5.0), ((32, 200), 20, 5.0), ((4096, 200), 0, 64.0),
+                                               ((4096, 16), 100, 64.0), ((32768, 8), 0, 181.0)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_statistics_keep_their_precision_with_an_outlier_row(shape, row, value, threads):
+    """The float32 statistics are sums of (x - K)^2 about a shift K: an outlier that pulls K away from the mean (as
+    one in row 0 did when K was the channel's first value: invstd 2e-6 to 4e-5 off) must not cost precision. The
+    bound is PyTorch's own float32 error on the same data; the truth is float64 math on the float32 values."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(*shape)
+    x[row] = value
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, mean, invstd = ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, False, 0)
+        rm, rv = torch.zeros(C), torch.ones(C)
+        mmops.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+        _, t_mean, t_invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    finally:
+        torch.set_num_threads(prev)
+    xd = x.double()
+    var, m = torch.var_mean(xd, 0, unbiased=False)
+    true_invstd = 1 / torch.sqrt(var + 1e-5)
+    rel = lambda a, e: ((a.double() - e) / e).abs().max().item()
+    torch_err = rel(t_invstd, true_invstd)
+    assert rel(invstd, true_invstd) <= max(2 * torch_err, 3e-7), (rel(invstd, true_invstd), torch_err)
+    assert (mean.double() - m).abs().max().item() <= max(2 * (t_mean.double() - m).abs().max().item(), 1e-7)
+    true_rv = 0.9 + 0.1 * torch.var(xd, 0, unbiased=True)
+    assert rel(rv, true_rv) <= 3e-7
+
+
 def test_streaming_passes():
     """Large calls write their outputs with streaming stores (csrc/cpu/batch_norm_kernels.cpp); a threshold of 0
     bytes sends every size through those passes, so the float32 and the torch-matrix tests run on them here."""

@@ -6,10 +6,11 @@
 //   y = gamma * xhat + beta,     h = act(y)   (act: identity, tanh or relu)
 //   running_mean += momentum * (mean - running_mean)
 //   running_var  += momentum * (var_unbiased - running_var)       (PyTorch's rule: always unbiased)
-// The statistics take one read of x: shifted sums S1 = sum (x - K), S2 = sum (x - K)^2 with K = the
-// channel's first value, in blocks of 16 rows summed in the input's dtype and added up in double (no cancellation
-// worth the name: the shift puts the data near zero, a block's float sum carries at most 15 roundings, and the
-// totals carry 29 more bits than float; batch_norm_kernels.cpp, "the sums"). The second read writes
+// The statistics take one read of x: shifted sums S1 = sum (x - K), S2 = sum (x - K)^2 with K = the mean of the
+// channel's first 16 rows, in blocks of 16 rows summed in the input's dtype and added up in double (no cancellation
+// worth the name: the shift puts the data near zero, a block's float sum carries at most 15 roundings, the totals
+// carry 29 more bits than float, and a channel whose rows lie far from K is summed again in double;
+// batch_norm_kernels.cpp, "the sums"). The second read writes
 // h = act((x - mean) * a + b) with a = gamma * invstd, b = beta.
 //
 // Backward, with dy' = dh * act'(h) (1 - h^2 for tanh, [h > 0] for relu: dhpreact never exists as a tensor):
@@ -168,13 +169,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     T* rvp = rv.defined() ? rv.mutable_data_ptr<T>() : nullptr;
     const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
     const T* bp = bb.defined() ? bb.const_data_ptr<T>() : nullptr;
-    // The shift of each channel's sums: its first value when finite (it centres the data), else 0 (an inf shift
-    // would turn the sums into inf - inf = NaN where PyTorch's mean is inf).
+    // The shift of each channel's sums (batch_norm_kernels.h: shifts): finite (an inf shift would turn the sums
+    // into inf - inf = NaN where PyTorch's mean is inf), 0 for an input with no values (possible in eval mode).
     std::vector<T> Kab(3 * s.C);  // one allocation for the three per-channel vectors
     T *K = Kab.data(), *a = K + s.C, *b = a + s.C;
-    // (an input with no values, possible in eval mode, has no first value: shift 0, and no row is read)
-    for (int64_t c = 0; c < s.C; ++c)
-      K[c] = s.N * s.L > 0 && std::isfinite(static_cast<double>(xp[c * s.L])) ? xp[c * s.L] : T(0);
+    if (training) shifts(xp, s, K);
     const int64_t call_bytes = 2 * x.numel() * sizeof(T);  // read x, write h
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,

@@ -66,9 +66,20 @@ MMOPS_INLINE void prefetch_row(const T* row, int64_t C) {
 // The two per-channel sums of rows [n0, n1) of (N, C) data, in blocks (above), added to S1 and S2.
 // terms(i, c, a, b) adds the terms of the value at flat index i (channel c) to a and b, in their type (T, or double
 // for a channel summed again); prefetch(n) prefetches row n of every input.
-// A channel whose sums come out not finite (a value is inf or NaN, or a square or a block's sum overflows float:
-// values from about 1e19) is summed again with double blocks, so that large finite values give what double gives.
-template <bool kTilesInCache, typename T, typename Terms, typename Prefetch>
+// A channel is summed again over these rows with double blocks, so that it gets what double gives:
+//   * when its sums come out not finite (a value is inf or NaN, or a square or a block's sum overflows float:
+//     values from about 1e19);
+//   * for the statistics (kShiftedSquares: S1 = sum d, S2 = sum d^2, d = x - K), when the shift K lies far from
+//     these rows' mean: more than kShiftSpread standard deviations (mean_d^2 > kShiftSpread^2 var_d). Then every d
+//     is large, and the float rounding of each d^2 and d (relative to their size) swamps the variance. When K was
+//     the channel's first value, one value 64 sigma out in row 0 of (4096, 200) put a relative error of 9.7e-6 in
+//     the running variance (the double sums: 5.4e-8, F.batch_norm 5e-7), and 5 sigma out in row 0 of (32, 200)
+//     made invstd 2.7e-6 off. K is now the mean of the first 16 rows (shifts_rows, below), which divides such an
+//     outlier's pull by 16; this bound catches data whose first rows are unlike the rest (sorted or grouped rows).
+//     For a normal channel the first 16 rows' mean is 8 sigma from the rest with probability ~1e-60.
+constexpr double kShiftSpread = 8;
+
+template <bool kTilesInCache, bool kShiftedSquares, typename T, typename Terms, typename Prefetch>
 MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2,
                              const Terms& terms, const Prefetch& prefetch) {
   std::vector<double> before(S1, S1 + C);  // for a channel summed again
@@ -102,12 +113,22 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
       add_block(a, b, width, S1 + cs, S2 + cs);
     }
   }
-  double probe = 0;  // v - v is 0 for a finite v, NaN for inf and NaN: probe is 0 when every sum is finite
-#pragma omp simd reduction(+ : probe)
-  for (int64_t c = 0; c < C; ++c) probe += (S1[c] - S1[c]) + (S2[c] - S2[c]);
-  if (probe == 0) return;
+  // A channel is summed again when resum(c): v - v is 0 for a finite v and NaN for inf and NaN, so `finite` is
+  // false (NaN == 0 is false) for a sum that is not; and with a = sum d, b = sum d^2 over these n rows,
+  // mean_d^2 > s^2 var_d  <=>  a^2 / n > s^2 (b - a^2 / n)  <=>  a^2 (1 + s^2) > s^2 n b  (n > 0).
+  const double rows = static_cast<double>(n1 - n0), s2 = kShiftSpread * kShiftSpread;
+  auto resum = [&](int64_t c) MMOPS_INLINE_LAMBDA {
+    const bool finite = (S1[c] - S1[c]) + (S2[c] - S2[c]) == 0;
+    if (!kShiftedSquares || std::is_same_v<T, double>) return !finite;  // double blocks are what a resum gives
+    const double a = S1[c] - before[c], b = S2[c] - before[C + c];
+    return !finite || a * a * (1 + s2) > s2 * rows * b;
+  };
+  int64_t again = 0;
+#pragma omp simd reduction(+ : again)
+  for (int64_t c = 0; c < C; ++c) again += resum(c) ? 1 : 0;
+  if (again == 0) return;
   for (int64_t c = 0; c < C; ++c) {
-    if ((S1[c] - S1[c]) + (S2[c] - S2[c]) == 0) continue;
+    if (!resum(c)) continue;
     double s1 = before[c], s2 = before[C + c];
     for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
       double da = 0, db = 0;
@@ -120,13 +141,58 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
   }
 }
 
+// The shift: the mean of each channel's finite values in the first kBlockRows rows (v - v is 0 only for a finite v).
+// One value (the channel's first, as before) let an outlier in row 0 push every x - K far from 0, and even for
+// normal data left K a standard deviation from the mean about a third of the time. The mean is added in the input's
+// dtype (at batch 32 this pass costs as much as a third of the statistics); a channel whose sum overflows float
+// (values near 1e37) is added again in double.
+template <typename T>
+MMOPS_INLINE void shifts_rows(const T* x, Shape s, T* K) {
+  const int64_t C = s.C, L = s.L, rows = s.N < kBlockRows ? s.N : kBlockRows;
+  for (int64_t c0 = 0; c0 < C; c0 += kRowChannels) {  // on the stack, as the sums below (no allocation at batch 32)
+    const int64_t width = C - c0 < kRowChannels ? C - c0 : kRowChannels;
+    alignas(64) T sum[kRowChannels], count[kRowChannels];
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) sum[c] = count[c] = T(0);
+    for (int64_t n = 0; n < rows; ++n) {
+      const T* r = x + (n * C + c0) * L;
+      auto add = [&](int64_t c, T v) MMOPS_INLINE_LAMBDA {
+        const bool finite = v - v == T(0);
+        sum[c] += finite ? v : T(0);
+        count[c] += finite ? T(1) : T(0);
+      };
+      if (L == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) add(c, r[c]);
+      } else {
+        for (int64_t c = 0; c < width; ++c) add(c, r[c * L]);
+      }
+    }
+    int64_t overflowed = 0;
+#pragma omp simd reduction(+ : overflowed)
+    for (int64_t c = 0; c < width; ++c) {
+      K[c0 + c] = count[c] > T(0) ? sum[c] / count[c] : T(0);
+      overflowed += K[c0 + c] - K[c0 + c] == T(0) ? 0 : 1;
+    }
+    for (int64_t c = 0; overflowed && c < width; ++c) {
+      if (K[c0 + c] - K[c0 + c] == T(0)) continue;  // finite: the usual case
+      double big = 0;  // the float sum overflowed: in double
+      for (int64_t n = 0; n < rows; ++n) {
+        const double v = static_cast<double>(x[(n * C + c0 + c) * L]);
+        big += v - v == 0 ? v : 0.0;
+      }
+      K[c0 + c] = static_cast<T>(big / static_cast<double>(count[c]));
+    }
+  }
+}
+
 // Statistics: S1 += sum (x - K), S2 += sum (x - K)^2 per channel.
 template <typename T>
 MMOPS_INLINE void stats_rows(const T* x, Shape s, const T* K, int64_t n0, int64_t n1, double* S1, double* S2,
                              Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1) {
-    block_sums<true, T>(
+    block_sums<true, true, T>(
         C, n0, n1, reads, S1, S2,
         [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
           using A = std::remove_reference_t<decltype(a)>;
@@ -182,7 +248,7 @@ MMOPS_INLINE void backward_sums_rows(const T* dh, const T* h, const T* x, Shape 
                                      int64_t n1, double* Sdy, double* Sdyx, Reads reads) {
   const int64_t C = s.C, L = s.L;
   if (L == 1) {
-    block_sums<false, T>(
+    block_sums<false, false, T>(
         C, n0, n1, reads, Sdy, Sdyx,
         [&](int64_t i, int64_t c, auto& a, auto& b) MMOPS_INLINE_LAMBDA {
           using A = std::remove_reference_t<decltype(a)>;
@@ -279,6 +345,9 @@ MMOPS_SIMD_CLONES void stats(const float* x, Shape s, const float* K, int64_t n0
 void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads) {
   stats_rows(x, s, K, n0, n1, S1, S2, reads);
 }
+
+MMOPS_SIMD_CLONES void shifts(const float* x, Shape s, float* K) { shifts_rows(x, s, K); }
+void shifts(const double* x, Shape s, double* K) { shifts_rows(x, s, K); }
 
 MMOPS_SIMD_CLONES void normalize(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
                                  const float* b, int64_t n0, int64_t n1) {

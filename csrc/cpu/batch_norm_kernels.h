@@ -16,6 +16,12 @@ struct Shape {
 // row, what the prefetchers keep up with). The sums are bitwise the same either way (batch_norm_kernels.cpp).
 enum class Reads { kCached, kFromMemory };
 
+// The shift K[c] of channel c's statistics below: the mean of its finite values in the first 16 rows (the first value
+// of each row when L > 1), computed in double; 0 when there is none. It centres the sums, so that float32 block sums
+// of (x - K)^2 do not cancel (batch_norm_kernels.cpp, "the sums").
+void shifts(const float* x, Shape s, float* K);
+void shifts(const double* x, Shape s, double* K);
+
 // Statistics: S1[c] += sum (x - K[c]), S2[c] += sum (x - K[c])^2, in blocks of rows added in double.
 void stats(const float* x, Shape s, const float* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);
 void stats(const double* x, Shape s, const double* K, int64_t n0, int64_t n1, double* S1, double* S2, Reads reads);

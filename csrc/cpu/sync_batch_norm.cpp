@@ -41,7 +41,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     std::vector<T> K(s.C);  // the shift, as in batch_norm_forward
-    for (int64_t c = 0; c < s.C; ++c) K[c] = std::isfinite(static_cast<double>(xp[c * s.L])) ? xp[c * s.L] : T(0);
+    shifts(xp, s, K.data());
     double* mp = mean.mutable_data_ptr<double>();
     double* qp = m2.mutable_data_ptr<double>();
     reduce_then_elementwise(
