@@ -26,7 +26,8 @@ namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-// ---- the former kernel: one row at a time (otherwise the same instructions) ----
+// ---- the former kernel: one row at a time (otherwise the same instructions; the group's losses are the
+// kernel's own ce_short_group_losses) ----
 template <bool kTwoVectors>
 MMOPS_AVX512 double row_at_a_time(const CEArgs<float>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
@@ -73,20 +74,7 @@ MMOPS_AVX512 double row_at_a_time(const CEArgs<float>& a, int64_t begin, int64_t
         }
       }
     }
-    if (a.loss_rows) {
-      for (int r = 0; r < rows; ++r) {
-        const float loss = std::log(row_sum[r]) + gap[r];
-        a.loss_rows[i0 + r] = loss;
-        total += loss;
-      }
-    } else {
-      double prod = 1;
-      for (int r = 0; r < rows; ++r) {
-        total += gap[r];
-        prod *= row_sum[r];
-      }
-      total += std::log(prod);
-    }
+    total += mmops::cpu::ce_short_group_losses(a, i0, rows, row_sum, gap);
   }
   return total;
 }

@@ -52,6 +52,28 @@ constexpr int kShortRowGroup = 16, kShortRowStep = 4;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// A group's losses from its rows' s and m - x_y: "none" writes log(s) + (m - x_y) per row; "mean"/"sum" add the
+// gaps and one log of the product of the sums (above). Returns the group's total.
+MMOPS_INLINE double ce_short_group_losses(const CEArgs<float>& a, int64_t i0, int rows, const float* row_sum,
+                                          const float* gap) {
+  double total = 0;
+  if (a.loss_rows) {
+    for (int r = 0; r < rows; ++r) {
+      const float loss = std::log(row_sum[r]) + gap[r];
+      a.loss_rows[i0 + r] = loss;
+      total += loss;
+    }
+  } else {
+    double prod = 1;
+    for (int r = 0; r < rows; ++r) {
+      total += gap[r];
+      prod *= row_sum[r];
+    }
+    total += std::log(prod);
+  }
+  return total;
+}
+
 // Rows [i, i + K), none of them ignored: s and m - x_y of each into row_sum and gap, and the gradient rows. Every
 // row's logits are read before any gradient is stored (the gradient may be the logits: inplace_backward).
 template <bool kTwoVectors, int K>
@@ -130,20 +152,7 @@ MMOPS_AVX512 double ce_short_rows_avx512(const CEArgs<float>& a, int64_t begin, 
         ++r;
       }
     }
-    if (a.loss_rows) {
-      for (int r = 0; r < rows; ++r) {
-        const float loss = std::log(row_sum[r]) + gap[r];
-        a.loss_rows[i0 + r] = loss;
-        total += loss;
-      }
-    } else {
-      double prod = 1;
-      for (int r = 0; r < rows; ++r) {
-        total += gap[r];
-        prod *= row_sum[r];
-      }
-      total += std::log(prod);
-    }
+    total += ce_short_group_losses(a, i0, rows, row_sum, gap);
   }
   return total;
 }
