@@ -26,8 +26,11 @@ def _both(x, t, **kw):
     return out
 
 
-# (103, 16), (4099, 32): the AVX-512 path for C <= 32 (four rows at a time, a row-by-row tail), several threads
-@pytest.mark.parametrize("shape", [(1, 2), (32, 27), (7, 1000), (300, 3), (5, 4097), (103, 16), (4099, 32)])
+# C <= 32 takes the AVX-512 or the AVX2 short-row kernel (four rows at a time, a row-by-row tail); (4099, 32) and
+# (2501, 27) run on several threads, whose ranges of rows end inside a step of four; C <= 8 (AVX2: every store masked)
+# and 9 <= C <= 32 (AVX2: a row's last vector stored whole over the next row) take different stores.
+@pytest.mark.parametrize("shape", [(1, 2), (32, 27), (7, 1000), (300, 3), (5, 4097), (103, 16), (4099, 32),
+                                   (2501, 27), (61, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -166,6 +169,27 @@ def test_inplace_backward_writes_grad_into_logits():
     expected = reference.cross_entropy_closed_form_grad((h2 @ W).detach(), t)
     assert logits.data_ptr() == storage
     torch.testing.assert_close(logits.detach(), expected)
+
+
+# The short-row kernels write each row's gradient over its logits only after reading every row of its step; the
+# AVX2 one stores a row's last vector whole, over the next row's first logits (cross_entropy_short_rows.h).
+@pytest.mark.parametrize("shape", [(2501, 27), (4099, 32), (61, 9), (300, 3), (17, 25)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_inplace_backward_gives_the_gradient_of_the_copy(shape, reduction):
+    N, C = shape
+    x = torch.randn(N, C) * 3
+    t = torch.randint(0, C, (N,))
+    t[3::7] = -100
+    a = x.clone().requires_grad_()
+    loss_a = mmops.cross_entropy(a, t, reduction=reduction)
+    logits = x.clone().requires_grad_()
+    b = logits * 1.0  # a non-leaf, which inplace_backward overwrites
+    loss_b = mmops.cross_entropy(b, t, reduction=reduction, inplace_backward=True)
+    go = torch.rand_like(loss_a) + 0.5
+    loss_a.backward(go)
+    loss_b.backward(go)
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(a.grad, logits.grad)
 
 
 def test_inplace_backward_detects_other_users_of_the_logits():

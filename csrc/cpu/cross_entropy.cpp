@@ -335,7 +335,10 @@ MMOPS_SIMD_CLONES double ce_rows_f32(const CEArgs<float>& a, int64_t begin, int6
 double ce_rows_f64(const CEArgs<double>& a, int64_t begin, int64_t end) { return ce_rows<double>(a, begin, end); }
 double ce_rows_on_this_cpu(const CEArgs<float>& a, int64_t b, int64_t e) {
 #ifdef MMOPS_X86
-  if (a.C <= 32 && a.y && !a.w && a.smoothing == 0 && simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
+  if (a.C <= 32 && a.y && !a.w && a.smoothing == 0) {
+    if (simd::cpu_has_avx512()) return ce_short_rows_avx512(a, b, e);
+    if (simd::cpu_has_avx2()) return cpu::ce_short_rows_avx2(a, b, e);
+  }
 #endif
   return ce_rows_f32(a, b, e);
 }

@@ -5,7 +5,8 @@
 //   * plain C++ loops that GCC auto-vectorises, compiled three times (x86-64-v4 = AVX-512, x86-64-v3 =
 //     AVX2+FMA, baseline SSE2) through MMOPS_SIMD_CLONES and picked at load time by the CPU they run on;
 //   * hand-written AVX-512 kernels (functions marked MMOPS_AVX512_TARGET, chosen at run time with
-//     cpu_has_avx512()), which call the same exp / tanh on a whole __m512.
+//     cpu_has_avx512()), which call the same exp / tanh on a whole __m512, and, where an AVX2 core needs one of its
+//     own (MMOPS_AVX2_TARGET, cpu_has_avx2()), the same on a __m256.
 // exp and tanh are templates over the lane type: `float` (inside an auto-vectorised loop) or a GCC vector of
 // floats such as __m512. No -march=native, so one build runs on any x86-64.
 //
@@ -28,6 +29,8 @@
 #define MMOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define MMOPS_AVX512_TARGET __attribute__((target("avx512f")))
 #define MMOPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+#define MMOPS_AVX2_TARGET __attribute__((target("avx2,fma")))
+#define MMOPS_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 #include <immintrin.h>
 // exp/tanh on a __m512 are always inlined into their AVX-512 callers: no vector crosses a call boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -51,8 +54,14 @@ inline bool cpu_has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
+// The hand-written AVX2 kernels (MMOPS_AVX2_TARGET) also use FMA: x86-64-v3, what every AVX2 core has.
+inline bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
 #else
 inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_avx2() { return false; }
 #endif
 
 // The activation fused into BatchNorm and the RNN; the codes are the schema's (`int activation`) and
