@@ -90,7 +90,9 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
     const int64_t ne = nb + kBlockRows < n1 ? nb + kBlockRows : n1;
     for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
-      T ta[kTileChannels] = {}, tb[kTileChannels] = {};
+      T ta[kTileChannels], tb[kTileChannels];
+#pragma omp simd
+      for (int64_t c = 0; c < kTileChannels; ++c) ta[c] = tb[c] = T(0);
       for (int64_t n = nb; n < ne; ++n) {
 #pragma omp simd
         for (int64_t c = 0; c < kTileChannels; ++c) terms(n * C + c0 + c, c0 + c, ta[c], tb[c]);
@@ -379,12 +381,14 @@ void backward_dx(int64_t act, const double* dh, const double* h, const double* x
 }
 
 // ---- non-temporal stores: the (N, C) float32 elementwise passes, flat ------------------------------------------
-// A streaming store needs a 64-byte aligned address, and a row of C = 200 floats is 800 bytes: so the pass walks the
-// rows' elements as one flat run, 16 at a time from the first aligned one, and element i's channel is c = i mod C.
-// The 16 coefficients of a chunk starting at channel c are read from copies extended by 16 (ext[j] = coef[j mod C]),
-// so a chunk that wraps past channel C - 1 needs no second load. Measured on an AMD EPYC Zen 4, 1 thread,
-// h = x * a + b over 26 MB: 2.1-2.3 ms with ordinary stores (each line of h is read before it is written), 1.4-1.6
-// ms streaming; over 3.3 MB (in cache) the same 0.17 ms either way.
+// A streaming store needs an address aligned to its width, and a row of C = 200 floats is 800 bytes: so the pass walks
+// the rows' elements as one flat run, one vector at a time from the first aligned one, and element i's channel is
+// c = i mod C. The coefficients of a chunk starting at channel c are read from copies extended by 16
+// (ext[j] = coef[j mod C]), so a chunk that wraps past channel C - 1 needs no second load. One source for two widths:
+// the chunk is a GCC vector of 16 floats on AVX-512, 8 on AVX2, and only the store is an intrinsic of each.
+// Measured on an AMD EPYC Zen 4 (AVX-512), 1 thread, h = x * a + b over 26 MB: 2.1-2.3 ms with ordinary stores (each
+// line of h is read before it is written), 1.4-1.6 ms streaming; over 3.3 MB (in cache) the same 0.17 ms either way.
+// On an AMD EPYC Zen 3 (AVX2), (32768, 200), 2 threads, op by op, interleaved: see "Results" in the README.
 namespace {
 
 // coef (C,) -> C + 16 floats, ext[j] = coef[j mod C]
@@ -394,24 +398,36 @@ MMOPS_INLINE void extend(const float* coef, int64_t C, float* ext) {
 
 #ifdef MMOPS_X86
 typedef float vf16 __attribute__((vector_size(64)));
-MMOPS_AVX512 vf16 load16(const float* p) { return _mm512_loadu_ps(p); }
+typedef float vf8 __attribute__((vector_size(32)));
+
+// The store of each width, the only code here with an ISA of its own. The functions between the entry points below
+// and these stores carry no target attribute and are not always_inline (GCC refuses to force a target function into
+// one without it); the entry points' `flatten` inlines all of them, so each entry is one function of its ISA.
+__attribute__((target("avx512f"))) inline void stream(float* p, vf16 v) { _mm512_stream_ps(p, v); }
+__attribute__((target("avx2,fma"))) inline void stream(float* p, vf8 v) { _mm256_stream_ps(p, v); }
+
+template <typename V>
+inline V load(const float* p) {  // unaligned
+  typedef V unaligned __attribute__((aligned(4)));
+  return *reinterpret_cast<const unaligned*>(p);
+}
 
 // Runs op.one(i, c) on the elements before the first aligned one and after the last full chunk, and op.chunk(i, c)
-// on each aligned chunk of 16; c is element i's channel. (The ops are structs, not lambdas: a lambda does not
-// inherit this function's target and could not inline the AVX-512 intrinsics.)
-template <typename Op>
-MMOPS_AVX512 void flat_run(const Op& op, float* out, int64_t C, int64_t n0, int64_t n1) {
+// on each aligned chunk of W = sizeof(V) / 4 floats; c is element i's channel.
+template <typename V, typename Op>
+inline void flat_run(const Op& op, float* out, int64_t C, int64_t n0, int64_t n1) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
   int64_t i = n0 * C, c = 0;
   const int64_t end = n1 * C;
-  for (; i < end && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) {
+  for (; i < end && (reinterpret_cast<uintptr_t>(out + i) & (sizeof(V) - 1)) != 0; ++i) {
     op.one(i, c);
     if (++c == C) c = 0;
   }
   const int64_t ahead = kPrefetchRows * C;  // the inputs are prefetched as the sums' rows are (above)
-  for (; i + 16 <= end; i += 16) {
+  for (; i + W <= end; i += W) {
     if (i + ahead < end) op.prefetch(i + ahead);
     op.chunk(i, c);
-    for (c += 16; c >= C;) c -= C;
+    for (c += W; c >= C;) c -= C;
   }
   for (; i < end; ++i) {
     op.one(i, c);
@@ -420,54 +436,89 @@ MMOPS_AVX512 void flat_run(const Op& op, float* out, int64_t C, int64_t n0, int6
   _mm_sfence();  // streaming stores are weakly ordered: complete them before another thread reads the output
 }
 
-template <int kAct>
+template <int kAct, typename V>
 struct NormalizeOp {  // h = act((x - m) a + b)
   const float *x, *me, *ae, *be;
   float* h;
-  MMOPS_AVX512 void one(int64_t i, int64_t c) const { h[i] = simd::activate<kAct>((x[i] - me[c]) * ae[c] + be[c]); }
-  MMOPS_AVX512 void prefetch(int64_t i) const { __builtin_prefetch(x + i, 0, 2); }
-  MMOPS_AVX512 void chunk(int64_t i, int64_t c) const {
-    _mm512_stream_ps(h + i, simd::activate<kAct>((load16(x + i) - load16(me + c)) * load16(ae + c) + load16(be + c)));
+  void one(int64_t i, int64_t c) const { h[i] = simd::activate<kAct>((x[i] - me[c]) * ae[c] + be[c]); }
+  void prefetch(int64_t i) const { __builtin_prefetch(x + i, 0, 2); }
+  void chunk(int64_t i, int64_t c) const {
+    stream(h + i, simd::activate<kAct>((load<V>(x + i) - load<V>(me + c)) * load<V>(ae + c) + load<V>(be + c)));
   }
 };
 
-template <int kAct, bool kEval>
+template <int kAct, bool kEval, typename V>
 struct DxOp {  // dx = A dy' + B (x - m) + D, or A dy' (kEval)
   const float *dh, *h, *x, *Ae, *Be, *De, *me;
   float* dx;
-  MMOPS_AVX512 void prefetch(int64_t i) const {
+  void prefetch(int64_t i) const {
     __builtin_prefetch(dh + i, 0, 2);
     if (kAct) __builtin_prefetch(h + i, 0, 2);
     if (!kEval) __builtin_prefetch(x + i, 0, 2);
   }
-  MMOPS_AVX512 void one(int64_t i, int64_t c) const {
+  void one(int64_t i, int64_t c) const {
     const float g = Ae[c] * simd::act_grad<kAct>(dh[i], h[i]);
     dx[i] = kEval ? g : g + Be[c] * (x[i] - me[c]) + De[c];
   }
-  MMOPS_AVX512 void chunk(int64_t i, int64_t c) const {
-    const vf16 g = load16(Ae + c) * simd::act_grad<kAct>(load16(dh + i), kAct ? load16(h + i) : vf16{});
-    _mm512_stream_ps(dx + i, kEval ? g : g + load16(Be + c) * (load16(x + i) - load16(me + c)) + load16(De + c));
+  void chunk(int64_t i, int64_t c) const {
+    const V g = load<V>(Ae + c) * simd::act_grad<kAct>(load<V>(dh + i), kAct ? load<V>(h + i) : V{});
+    stream(dx + i, kEval ? g : g + load<V>(Be + c) * (load<V>(x + i) - load<V>(me + c)) + load<V>(De + c));
   }
 };
 
-template <int kAct>
-MMOPS_AVX512_TARGET void normalize_stream(const float* x, float* h, int64_t C, const float* m, const float* a,
-                                          const float* b, int64_t n0, int64_t n1) {
+template <typename V>
+inline void normalize_stream(int64_t act, const float* x, float* h, int64_t C, const float* m, const float* a,
+                             const float* b, int64_t n0, int64_t n1) {
   std::vector<float> ext(3 * (C + 16));
   float *me = ext.data(), *ae = me + C + 16, *be = ae + C + 16;
   extend(m, C, me), extend(a, C, ae), extend(b, C, be);
-  flat_run(NormalizeOp<kAct>{x, me, ae, be, h}, h, C, n0, n1);
+  if (act == simd::kTanh) flat_run<V>(NormalizeOp<simd::kTanh, V>{x, me, ae, be, h}, h, C, n0, n1);
+  else if (act == simd::kRelu) flat_run<V>(NormalizeOp<simd::kRelu, V>{x, me, ae, be, h}, h, C, n0, n1);
+  else flat_run<V>(NormalizeOp<simd::kIdentity, V>{x, me, ae, be, h}, h, C, n0, n1);
 }
 
-template <int kAct, bool kEval>
-MMOPS_AVX512_TARGET void dx_stream(const float* dh, const float* h, const float* x, float* dx, int64_t C,
-                                   const float* m, const float* A, const float* B, const float* D, int64_t n0,
-                                   int64_t n1) {
+template <int kAct, typename V>
+inline void dx_run(const float* dh, const float* h, const float* x, float* dx, int64_t C, const float* Ae,
+                   const float* Be, const float* De, const float* me, bool eval, int64_t n0, int64_t n1) {
+  if (eval) flat_run<V>(DxOp<kAct, true, V>{dh, h, x, Ae, Be, De, me, dx}, dx, C, n0, n1);
+  else flat_run<V>(DxOp<kAct, false, V>{dh, h, x, Ae, Be, De, me, dx}, dx, C, n0, n1);
+}
+
+template <typename V>
+inline void dx_stream(int64_t act, const float* dh, const float* h, const float* x, float* dx, int64_t C,
+                      const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
   std::vector<float> ext(4 * (C + 16));
   float *Ae = ext.data(), *Be = Ae + C + 16, *De = Be + C + 16, *me = De + C + 16;
   extend(A, C, Ae);
-  if (!kEval) extend(B, C, Be), extend(D, C, De), extend(m, C, me);
-  flat_run(DxOp<kAct, kEval>{dh, h, x, Ae, Be, De, me, dx}, dx, C, n0, n1);
+  const bool eval = B == nullptr;
+  if (!eval) extend(B, C, Be), extend(D, C, De), extend(m, C, me);
+  if (act == simd::kTanh) dx_run<simd::kTanh, V>(dh, h, x, dx, C, Ae, Be, De, me, eval, n0, n1);
+  else if (act == simd::kRelu) dx_run<simd::kRelu, V>(dh, h, x, dx, C, Ae, Be, De, me, eval, n0, n1);
+  else dx_run<simd::kIdentity, V>(dh, h, x, dx, C, Ae, Be, De, me, eval, n0, n1);
+}
+
+// The entry points of each ISA.
+__attribute__((target("avx512f"), flatten)) void normalize_stream_avx512(int64_t act, const float* x, float* h,
+                                                                          int64_t C, const float* m, const float* a,
+                                                                          const float* b, int64_t n0, int64_t n1) {
+  normalize_stream<vf16>(act, x, h, C, m, a, b, n0, n1);
+}
+__attribute__((target("avx2,fma"), flatten)) void normalize_stream_avx2(int64_t act, const float* x, float* h,
+                                                                         int64_t C, const float* m, const float* a,
+                                                                         const float* b, int64_t n0, int64_t n1) {
+  normalize_stream<vf8>(act, x, h, C, m, a, b, n0, n1);
+}
+__attribute__((target("avx512f"), flatten)) void dx_stream_avx512(int64_t act, const float* dh, const float* h,
+                                                                   const float* x, float* dx, int64_t C,
+                                                                   const float* m, const float* A, const float* B,
+                                                                   const float* D, int64_t n0, int64_t n1) {
+  dx_stream<vf16>(act, dh, h, x, dx, C, m, A, B, D, n0, n1);
+}
+__attribute__((target("avx2,fma"), flatten)) void dx_stream_avx2(int64_t act, const float* dh, const float* h,
+                                                                  const float* x, float* dx, int64_t C, const float* m,
+                                                                  const float* A, const float* B, const float* D,
+                                                                  int64_t n0, int64_t n1) {
+  dx_stream<vf8>(act, dh, h, x, dx, C, m, A, B, D, n0, n1);
 }
 #endif
 
@@ -476,27 +527,21 @@ MMOPS_AVX512_TARGET void dx_stream(const float* dh, const float* h, const float*
 bool normalize_streaming(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
                          const float* b, int64_t n0, int64_t n1) {
 #ifdef MMOPS_X86
-  if (s.L != 1 || !simd::cpu_has_avx512()) return false;
-  simd::with_activation(act, [&](auto A) { normalize_stream<decltype(A)::value>(x, h, s.C, m, a, b, n0, n1); });
-  return true;
-#else
-  return false;
+  if (s.L != 1) return false;
+  if (simd::cpu_has_avx512()) return normalize_stream_avx512(act, x, h, s.C, m, a, b, n0, n1), true;
+  if (simd::cpu_has_avx2()) return normalize_stream_avx2(act, x, h, s.C, m, a, b, n0, n1), true;
 #endif
+  return false;
 }
 
 bool backward_dx_streaming(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
                            const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
 #ifdef MMOPS_X86
-  if (s.L != 1 || !simd::cpu_has_avx512()) return false;
-  simd::with_activation(act, [&](auto a) {
-    constexpr int kAct = decltype(a)::value;
-    if (B == nullptr) dx_stream<kAct, true>(dh, h, x, dx, s.C, m, A, B, D, n0, n1);
-    else dx_stream<kAct, false>(dh, h, x, dx, s.C, m, A, B, D, n0, n1);
-  });
-  return true;
-#else
-  return false;
+  if (s.L != 1) return false;
+  if (simd::cpu_has_avx512()) return dx_stream_avx512(act, dh, h, x, dx, s.C, m, A, B, D, n0, n1), true;
+  if (simd::cpu_has_avx2()) return dx_stream_avx2(act, dh, h, x, dx, s.C, m, A, B, D, n0, n1), true;
 #endif
+  return false;
 }
 
 }  // namespace mmops::cpu::bn

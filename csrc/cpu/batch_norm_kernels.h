@@ -47,8 +47,8 @@ void backward_dx(int64_t act, const double* dh, const double* h, const double* x
                  const double* m, const double* A, const double* B, const double* D, int64_t n0, int64_t n1);
 
 // The two elementwise passes above for (N, C) float32 with non-temporal stores, for outputs that cannot stay in
-// cache (batch_norm.cpp decides): the output goes to memory without being read first. AVX-512 only; they return
-// false, having written nothing, where the CPU lacks it or the layout is not (N, C).
+// cache (batch_norm.cpp decides): the output goes to memory without being read first. AVX-512 or AVX2; they return
+// false, having written nothing, where the CPU has neither or the layout is not (N, C).
 bool normalize_streaming(int64_t act, const float* x, float* h, Shape s, const float* m, const float* a,
                          const float* b, int64_t n0, int64_t n1);
 bool backward_dx_streaming(int64_t act, const float* dh, const float* h, const float* x, float* dx, Shape s,
