@@ -27,6 +27,13 @@ from ._ops import c_apply
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
 
 
+def results_dir() -> str:
+    """Where this machine's tables go: bench/results/ for the AVX-512 path, bench/results/<path>/ for another (avx2,
+    scalar), so that a run on one class of CPU never overwrites the tables of the other."""
+    isa = isa_path()
+    return RESULTS_DIR if isa == "avx512" else os.path.join(RESULTS_DIR, isa)
+
+
 def _time_once(fn: Callable[[], None], inner: int) -> float:
     t0 = time.perf_counter()
     for _ in range(inner):
@@ -499,8 +506,9 @@ def _cpuinfo(field: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == field:  # exact: "model" must not match "model name"
+                    return value.strip()
     except OSError:
         pass
     return ""
@@ -516,7 +524,9 @@ def isa_path() -> str:
 
 def _machine() -> dict:
     return {
-        "cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+        # the model name alone can be as vague as "AMD EPYC" in a VM: family and model tell the core (25/1: Zen 3)
+        "cpu": (_cpuinfo("model name") or platform.processor() or platform.machine())
+        + (f" (family {_cpuinfo('cpu family')}, model {_cpuinfo('model')})" if _cpuinfo("cpu family") else ""),
         "isa": isa_path(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -550,11 +560,12 @@ def print_table(rows: list[dict]) -> str:
 
 
 def write_results(name: str, rows: list[dict], table: str) -> None:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+    out = results_dir()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"machine": _machine(), "rows": rows}, f, indent=1)
     # the generated table goes between the markers; hand-written sections around it are kept
-    md = os.path.join(RESULTS_DIR, f"{name}.md")
+    md = os.path.join(out, f"{name}.md")
     block = (f"<!-- bench table -->\n`python -m mmops bench --op {name}`: forward+backward, float32, dense random "
              f"grad_output, candidates interleaved (each round in a shuffled order), medians.\n\n{table}\n<!-- /bench table -->")
     old = open(md).read() if os.path.isfile(md) else ""
@@ -587,7 +598,7 @@ def _plot(name: str, rows: list[dict]) -> None:
     ax.set_title(f"{name}: forward+backward, {torch.get_num_threads()} threads, float32")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS_DIR, f"{name}.png"), dpi=100)
+    fig.savefig(os.path.join(results_dir(), f"{name}.png"), dpi=100)
     plt.close(fig)
 
 
@@ -628,7 +639,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--quick", action="store_true", help="smallest sizes only, few rounds (a smoke test)")
-    p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/ (bench/results/<isa>/ on a CPU without AVX-512)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: each op on the GPU against PyTorch and torch.compile, in GB/s against the device's "
                    "measured copy bandwidth (default cpu)")
@@ -651,8 +662,8 @@ def main(argv=None) -> int:
             p.error(f"--ftz-cost covers --op {', '.join(FTZ_CASES)} (or all)")
         text = ftz_cost(ops, 3 if args.quick else args.rounds)
         if not args.no_save and not args.quick:
-            os.makedirs(RESULTS_DIR, exist_ok=True)
-            with open(os.path.join(RESULTS_DIR, "ftz.md"), "w") as f:
+            os.makedirs(results_dir(), exist_ok=True)
+            with open(os.path.join(results_dir(), "ftz.md"), "w") as f:
                 f.write(f"`python -m mmops bench --ftz-cost`: forward+backward, 1 thread, float32.\n\n{text}\n")
         return 0
     torch.set_num_threads(args.threads)

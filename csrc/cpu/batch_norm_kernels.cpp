@@ -89,11 +89,19 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
   const int64_t tiled_c = tiles ? C - C % kTileChannels : 0;
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
     const int64_t ne = nb + kBlockRows < n1 ? nb + kBlockRows : n1;
+    // A block's sums start from its first row's terms added to a zero in a register: the same bits as zeroed arrays
+    // (0 + t = t), where GCC turned the zeroing of the arrays into a `rep stosq` per tile and per block (microcoded:
+    // 15% of the statistics' time at (512, 200) in L2, AMD EPYC Zen 3, AVX2 clone).
     for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
       T ta[kTileChannels], tb[kTileChannels];
 #pragma omp simd
-      for (int64_t c = 0; c < kTileChannels; ++c) ta[c] = tb[c] = T(0);
-      for (int64_t n = nb; n < ne; ++n) {
+      for (int64_t c = 0; c < kTileChannels; ++c) {
+        T a = T(0), b = T(0);
+        terms(nb * C + c0 + c, c0 + c, a, b);
+        ta[c] = a;
+        tb[c] = b;
+      }
+      for (int64_t n = nb + 1; n < ne; ++n) {
 #pragma omp simd
         for (int64_t c = 0; c < kTileChannels; ++c) terms(n * C + c0 + c, c0 + c, ta[c], tb[c]);
       }
@@ -105,10 +113,18 @@ MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, dou
     for (int64_t cs = tiled_c; cs < C; cs += kRowChannels) {
       const int64_t width = C - cs < kRowChannels ? C - cs : kRowChannels;
       alignas(64) T a[kRowChannels], b[kRowChannels];
-#pragma omp simd
-      for (int64_t c = 0; c < width; ++c) a[c] = b[c] = T(0);
       for (int64_t n = nb; n < ne; ++n) {
         if (from_memory && cs == tiled_c && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
+        if (n == nb) {
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) {
+            T ra = T(0), rb = T(0);
+            terms(n * C + cs + c, cs + c, ra, rb);
+            a[c] = ra;
+            b[c] = rb;
+          }
+          continue;
+        }
 #pragma omp simd
         for (int64_t c = 0; c < width; ++c) terms(n * C + cs + c, cs + c, a[c], b[c]);
       }
