@@ -1,6 +1,7 @@
-// The cross-entropy forward's row kernels' operands (CEArgs), and its AVX-512 kernel for short rows (C <= 32), in a
-// header with no torch in it, so that bench/loops/ce_short_rows.cpp can time and check the kernel as built. The
-// math is at the top of cross_entropy.cpp, the only file of the extension that includes this one.
+// The cross-entropy forward's row kernels' operands (CEArgs), and its kernels for short rows (C <= 32): AVX-512, and
+// AVX2 for CPUs without it. A header with no torch in it, so that bench/loops/ce_short_rows.cpp and
+// ce_short_rows_avx2.cpp can time and check the kernels as built. The math is at the top of cross_entropy.cpp, the
+// only file of the extension that includes this one.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -165,19 +166,28 @@ inline MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, i
 // Short rows on AVX2 (C <= 32 on a CPU without AVX-512: AMD Zen 1-3, Intel's client cores since Alder Lake), the
 // same plan as the AVX-512 kernel above on 8-lane registers: a row sits in kVectors = ceil(C / 8) ymm registers, and
 // kRows rows go through each stage together. Before it, these rows took the generic blocks of cross_entropy.cpp,
-// whose per-row loops over 27 values spend most of their time in scalar remainders: cross_entropy_forward at
-// (4096, 27), 1 thread, AMD EPYC Zen 3, 210-215 us. What differs from the AVX-512 kernel:
-//   * Only a row's last vector has lanes past C. It is loaded with vmaskmovps (masked lanes read nothing: no read
-//     past the row or the tensor) and blended with -inf; after the exp an AND with the lane mask makes those lanes 0
-//     (simd::exp never returns a subnormal, so no lane costs an Intel core a microcode assist).
+// whose per-row loops over 27 values spend most of their time in scalar remainders. Measured on an AMD EPYC Zen 3
+// (2.45 GHz, no AVX-512), (4096, 27), both paths in one build behind a temporary switch, interleaved, medians:
+// cross_entropy_forward 1 thread 237 -> 122 us, 2 threads 141 -> 81 us; mmops.cross_entropy forward + backward
+// 2 threads 251 -> 203 us (F.cross_entropy 443 us); at (32768, 27) 1488 -> 929 us (3383 us). The kernel alone, 1
+// thread (bench/loops/ce_short_rows_avx2.cpp): a row at a time 149-185 us, 2 rows 118-147, 3 rows 110, 4 rows
+// 102-128 (the 4-row step spills some ymm registers at C > 24 and is still the fastest). What differs from the
+// AVX-512 kernel:
+//   * Only a row's last vector has lanes past C. It is loaded with vmaskmovps (masked lanes read nothing) and
+//     blended with -inf; after the exp an AND with the lane mask makes those lanes 0. The last row of each range
+//     goes through copies (ce_short_row_through_copies), so no masked lane ever lies past the tensor. simd::exp
+//     clamps those lanes at e^-87 (a normal number) before the AND, so no lane past C ever holds a subnormal (which
+//     would cost an Intel core a microcode assist; the row's own values can be tiny, as in every path).
 //   * The max and the sum across a row's lanes stay in registers (swap the halves, then pairs, then neighbours):
-//     every lane ends up holding the row's max or sum, so 1/s is one vdivps and no value leaves for a scalar register
-//     until the losses.
+//     every lane ends up holding the row's sum, and its max (or, in a row with a NaN, a value that makes the row's
+//     sum NaN all the same), so 1/s is one vdivps and no value leaves for a scalar register until the losses.
+//   * The gradient r e / s - r [j == y] contracts to one vfmsub231ps in the target's lane, so that lane can differ by
+//     an ulp from the AVX-512 and generic paths; nothing is bitwise shared between the kernels of different ISAs.
 //   * A row's last vector is stored whole unless it is the step's last row: its lanes past C (fewer than 8, and
 //     fewer than C when C > 8) land on the first elements of the next row of the step, whose own first store comes
 //     later and overwrites them (every row of the step was read before the first store, so in place that is safe
-//     too). The step's last row stores it with vmaskmovps: the next row may be another thread's, lie past the
-//     tensor, or not have been read yet. With C <= 8 a store could reach past the step's rows: every row masked.
+//     too). The step's last row stores it with vmaskmovps: the next row may be another thread's or not have been read
+//     yet. With C <= 8 a store could reach past the step's rows: every row masked.
 template <int kVectors, int kRows>
 MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m256i tail, float* row_sum, float* gap) {
   constexpr int kLast = kVectors - 1;  // the vector with the lanes past C
@@ -239,6 +249,30 @@ MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m25
   }
 }
 
+// Row i, the last of a range, through copies: its masked lanes would lie past the row, and the row may end the tensor
+// at a page boundary. Intel documents that masked vmaskmovps lanes never fault; AMD's manual leaves it to the
+// implementation (none faulted on a Zen 3 with an unmapped page after the tensor), so the one row per range where it
+// could matter reads and writes 32-float copies instead. An ignored row's gradient is zeros.
+template <int kVectors>
+MMOPS_AVX2 void ce_short_row_through_copies(const CEArgs<float>& a, int64_t i, __m256i tail, float* row_sum,
+                                            float* gap) {
+  const int64_t C = a.C;
+  if (a.y[i] == a.ignore_index) {  // loss log(1) + 0 = 0, gradient row 0
+    *row_sum = 1.0f;
+    *gap = 0.0f;
+    for (int64_t j = 0; a.grad && j < C; ++j) a.grad[i * C + j] = 0.0f;
+    return;
+  }
+  alignas(32) float x[32], g[32];
+  for (int64_t j = 0; j < C; ++j) x[j] = a.x[i * C + j];
+  CEArgs<float> row = a;
+  row.x = x;
+  row.y = a.y + i;
+  row.grad = a.grad ? g : nullptr;
+  ce_short_rows_step_avx2<kVectors, 1>(row, 0, tail, row_sum, gap);
+  for (int64_t j = 0; a.grad && j < C; ++j) a.grad[i * C + j] = g[j];
+}
+
 template <int kVectors, int kRows>
 MMOPS_AVX2 double ce_short_rows_avx2(const CEArgs<float>& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
@@ -248,8 +282,9 @@ MMOPS_AVX2 double ce_short_rows_avx2(const CEArgs<float>& a, int64_t begin, int6
   double total = 0;
   for (int64_t i0 = begin; i0 < end; i0 += kShortRowGroup) {
     const int rows = static_cast<int>(std::min<int64_t>(kShortRowGroup, end - i0));
-    for (int r = 0; r < rows;) {
-      bool step = r + kRows <= rows;
+    const int direct = i0 + rows == end ? rows - 1 : rows;  // the range's last row goes through copies
+    for (int r = 0; r < direct;) {
+      bool step = r + kRows <= direct;
       for (int k = 0; step && k < kRows; ++k) step = a.y[i0 + r + k] != a.ignore_index;
       if (step) {
         ce_short_rows_step_avx2<kVectors, kRows>(a, i0 + r, tail, row_sum + r, gap + r);
@@ -267,6 +302,7 @@ MMOPS_AVX2 double ce_short_rows_avx2(const CEArgs<float>& a, int64_t begin, int6
         ++r;
       }
     }
+    if (direct < rows) ce_short_row_through_copies<kVectors>(a, end - 1, tail, row_sum + direct, gap + direct);
     total += ce_short_group_losses(a, i0, rows, row_sum, gap);
   }
   return total;
