@@ -188,6 +188,22 @@ inline MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, i
 //     later and overwrites them (every row of the step was read before the first store, so in place that is safe
 //     too). The step's last row stores it with vmaskmovps: the next row may be another thread's or not have been read
 //     yet. With C <= 8 a store could reach past the step's rows: every row masked.
+// The max (kMax) or the sum of a row's kVectors registers, in every lane: the registers combined, then the halves,
+// the pairs and the neighbours.
+template <bool kMax>
+MMOPS_AVX2 __m256 combine(__m256 a, __m256 b) {  // (a lambda would not inherit the target: no intrinsics in it)
+  return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
+}
+template <bool kMax, int kVectors>
+MMOPS_AVX2 __m256 across_row(const __m256* v) {
+  __m256 r = v[0];
+#pragma GCC unroll 4
+  for (int i = 1; i < kVectors; ++i) r = combine<kMax>(r, v[i]);
+  r = combine<kMax>(r, _mm256_permute2f128_ps(r, r, 1));
+  r = combine<kMax>(r, _mm256_permute_ps(r, 0x4E));
+  return combine<kMax>(r, _mm256_permute_ps(r, 0xB1));
+}
+
 template <int kVectors, int kRows>
 MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m256i tail, float* row_sum, float* gap) {
   constexpr int kLast = kVectors - 1;  // the vector with the lanes past C
@@ -206,14 +222,7 @@ MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m25
     x[k][kLast] = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(row + 8 * kLast, tail), tail_lanes);
   }
 #pragma GCC unroll 8
-  for (int k = 0; k < kRows; ++k) {  // the row's max in every lane
-    __m256 m = x[k][0];
-#pragma GCC unroll 4
-    for (int v = 1; v < kVectors; ++v) m = _mm256_max_ps(m, x[k][v]);
-    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-    m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4E));
-    vm[k] = _mm256_max_ps(m, _mm256_permute_ps(m, 0xB1));
-  }
+  for (int k = 0; k < kRows; ++k) vm[k] = across_row<true, kVectors>(x[k]);  // the row's max in every lane
 #pragma GCC unroll 8
   for (int k = 0; k < kRows; ++k) {
 #pragma GCC unroll 4
@@ -221,13 +230,8 @@ MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m25
     e[k][kLast] = _mm256_and_ps(e[k][kLast], tail_lanes);
   }
 #pragma GCC unroll 8
-  for (int k = 0; k < kRows; ++k) {  // the row's sum in every lane
-    __m256 s = e[k][0];
-#pragma GCC unroll 4
-    for (int v = 1; v < kVectors; ++v) s = _mm256_add_ps(s, e[k][v]);
-    s = _mm256_add_ps(s, _mm256_permute2f128_ps(s, s, 1));
-    s = _mm256_add_ps(s, _mm256_permute_ps(s, 0x4E));
-    vs[k] = _mm256_add_ps(s, _mm256_permute_ps(s, 0xB1));
+  for (int k = 0; k < kRows; ++k) {
+    vs[k] = across_row<false, kVectors>(e[k]);  // the row's sum in every lane
     row_sum[k] = _mm256_cvtss_f32(vs[k]);
     gap[k] = _mm256_cvtss_f32(vm[k]) - x_y[k];
   }
