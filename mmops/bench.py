@@ -639,7 +639,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--quick", action="store_true", help="smallest sizes only, few rounds (a smoke test)")
-    p.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/ (bench/results/<isa>/ on a CPU without AVX-512)")
+    p.add_argument("--no-save", action="store_true",
+                   help="print only; do not write bench/results/ (bench/results/<isa>/ on a CPU without AVX-512)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: each op on the GPU against PyTorch and torch.compile, in GB/s against the device's "
                    "measured copy bandwidth (default cpu)")
