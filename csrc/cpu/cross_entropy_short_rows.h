@@ -163,6 +163,22 @@ inline MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, i
 }
 #pragma GCC diagnostic pop
 
+// The max (kMax) or the sum of a row's kVectors registers, in every lane: the registers combined, then the halves,
+// the pairs and the neighbours.
+template <bool kMax>
+MMOPS_AVX2 __m256 combine(__m256 a, __m256 b) {  // (a lambda would not inherit the target: no intrinsics in it)
+  return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
+}
+template <bool kMax, int kVectors>
+MMOPS_AVX2 __m256 across_row(const __m256* v) {
+  __m256 r = v[0];
+#pragma GCC unroll 4
+  for (int i = 1; i < kVectors; ++i) r = combine<kMax>(r, v[i]);
+  r = combine<kMax>(r, _mm256_permute2f128_ps(r, r, 1));
+  r = combine<kMax>(r, _mm256_permute_ps(r, 0x4E));
+  return combine<kMax>(r, _mm256_permute_ps(r, 0xB1));
+}
+
 // Short rows on AVX2 (C <= 32 on a CPU without AVX-512: AMD Zen 1-3, Intel's client cores since Alder Lake), the
 // same plan as the AVX-512 kernel above on 8-lane registers: a row sits in kVectors = ceil(C / 8) ymm registers, and
 // kRows rows go through each stage together. Before it, these rows took the generic blocks of cross_entropy.cpp,
@@ -188,22 +204,6 @@ inline MMOPS_AVX512_TARGET double ce_short_rows_avx512(const CEArgs<float>& a, i
 //     later and overwrites them (every row of the step was read before the first store, so in place that is safe
 //     too). The step's last row stores it with vmaskmovps: the next row may be another thread's or not have been read
 //     yet. With C <= 8 a store could reach past the step's rows: every row masked.
-// The max (kMax) or the sum of a row's kVectors registers, in every lane: the registers combined, then the halves,
-// the pairs and the neighbours.
-template <bool kMax>
-MMOPS_AVX2 __m256 combine(__m256 a, __m256 b) {  // (a lambda would not inherit the target: no intrinsics in it)
-  return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b);
-}
-template <bool kMax, int kVectors>
-MMOPS_AVX2 __m256 across_row(const __m256* v) {
-  __m256 r = v[0];
-#pragma GCC unroll 4
-  for (int i = 1; i < kVectors; ++i) r = combine<kMax>(r, v[i]);
-  r = combine<kMax>(r, _mm256_permute2f128_ps(r, r, 1));
-  r = combine<kMax>(r, _mm256_permute_ps(r, 0x4E));
-  return combine<kMax>(r, _mm256_permute_ps(r, 0xB1));
-}
-
 template <int kVectors, int kRows>
 MMOPS_AVX2 void ce_short_rows_step_avx2(const CEArgs<float>& a, int64_t i, __m256i tail, float* row_sum, float* gap) {
   constexpr int kLast = kVectors - 1;  // the vector with the lanes past C
