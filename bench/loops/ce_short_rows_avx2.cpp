@@ -1,10 +1,10 @@
 // The cross-entropy forward's AVX2 short-row kernel (csrc/cpu/cross_entropy_short_rows.h, included as built): checks
-// it for every C from 1 to 32, reductions "mean" and "none", with ignored rows and with NaN / +-inf logits: against
-// float64 math (3e-6 relative, the target's lane relative to r); in place (the gradient over the logits,
-// inplace_backward), without a gradient, and split into two ranges at every row (two threads' rows, the second range
-// first, in place) it must give the same bits; and it must write nothing past its buffers or outside its range. Then
-// times it at (4096, C), 1 thread, with 1, 2 and 4 rows through each stage together, every candidate once per round
-// in one process, 41 rounds, medians.
+// it, with steps of 4 rows (the kernel's) and of 1 and 2, for every C from 1 to 32, reductions "mean" and "none",
+// ignored rows and NaN / +-inf logits: against float64 math (3e-6 relative, the target's lane relative to r); in
+// place (the gradient over the logits, inplace_backward), without a gradient, and split into two ranges at every row
+// (two threads' rows, the second range first, in place) it must give the same bits; and it must write nothing past
+// its buffers or outside its range. Then times it at (4096, C), 1 thread, with 1, 2 and 4 rows through each stage
+// together, every candidate once per round in one process, 41 rounds, medians.
 //
 //   g++ -O3 -fno-math-errno -fno-trapping-math -Icsrc bench/loops/ce_short_rows_avx2.cpp -o /tmp/ce_short_rows_avx2
 //   /tmp/ce_short_rows_avx2          (C = 27; or give C)
@@ -128,54 +128,55 @@ int main(int argc, char** argv) {
   // and total; the guard floats after every buffer untouched; and split in two ranges at every row (what two threads
   // get), run second range first, in place: the same gradient and per-row losses bitwise, nothing written outside
   // each range while it runs.
+  // Every step size the timing compares (the kernel's own is 4 rows, MMOPS_CE_AVX2_ROWS).
+  using Kernel = double (*)(const CEArgs<float>&, int64_t, int64_t);
+  const Kernel kernels[] = {kernel<1>, kernel<2>, kernel<4>};
+  const char* names[] = {"1 row", "2 rows", "4 rows"};
   int cases = 0, differ = 0;
-  for (int64_t C = 1; C <= 32; ++C)
-    for (int64_t N : {1, 3, 4, 5, 16, 17, 61})
-      for (int flags = 0; flags < 8; ++flags) {
-        const bool none = flags & 1, ignored = flags & 2, specials = flags & 4;
-        const unsigned seed = static_cast<unsigned>(C * 100 + N);
-        Case a = make_case(N, C, none, ignored, specials, false, seed);
-        Case b = make_case(N, C, none, ignored, specials, true, seed);
-        Case c = make_case(N, C, none, ignored, specials, false, seed);
-        const Case ref = make_case(N, C, none, ignored, specials, false, seed);
-        c.args.grad = nullptr;
-        const double ta = kernel<MMOPS_CE_AVX2_ROWS>(a.args, 0, N), tb = kernel<MMOPS_CE_AVX2_ROWS>(b.args, 0, N);
-        const double tc = kernel<MMOPS_CE_AVX2_ROWS>(c.args, 0, N);
-        bool same = matches_float64(ref, a.args, N, ta, a.grad.data()) && std::memcmp(&ta, &tb, sizeof ta) == 0 &&
-                    std::memcmp(&ta, &tc, sizeof ta) == 0 &&
-                    std::memcmp(a.grad.data(), b.x.data(), sizeof(float) * N * C) == 0 &&
-                    std::memcmp(a.loss.data(), b.loss.data(), sizeof(float) * N) == 0 &&
-                    std::memcmp(a.loss.data(), c.loss.data(), sizeof(float) * N) == 0 &&
-                    std::memcmp(c.x.data(), ref.x.data(), sizeof(float) * c.x.size()) == 0 &&
-                    std::all_of(c.grad.begin(), c.grad.end(), [](float v) { return v == kUnwritten; });
-        for (int64_t g = 0; g < kGuard; ++g)
-          same &= a.grad[N * C + g] == kUnwritten && a.loss[N + g] == kUnwritten &&
-                  std::memcmp(&b.x[N * C + g], &ref.x[N * C + g], sizeof(float)) == 0;
-        for (int64_t split = 1; split < N; ++split) {
-          Case d = make_case(N, C, none, ignored, specials, true, seed);
-          kernel<MMOPS_CE_AVX2_ROWS>(d.args, split, N);
-          same &= std::memcmp(d.x.data(), ref.x.data(), sizeof(float) * split * C) == 0 &&
-                  std::memcmp(d.x.data() + N * C, ref.x.data() + N * C, sizeof(float) * kGuard) == 0;
-          kernel<MMOPS_CE_AVX2_ROWS>(d.args, 0, split);
-          same &= std::memcmp(d.x.data(), b.x.data(), sizeof(float) * (N * C + kGuard)) == 0 &&
-                  std::memcmp(d.loss.data(), b.loss.data(), sizeof(float) * (N + kGuard)) == 0;
+  for (const Kernel run : kernels)
+    for (int64_t C = 1; C <= 32; ++C)
+      for (int64_t N : {1, 3, 4, 5, 16, 17, 61})
+        for (int flags = 0; flags < 8; ++flags) {
+          const bool none = flags & 1, ignored = flags & 2, specials = flags & 4;
+          const unsigned seed = static_cast<unsigned>(C * 100 + N);
+          Case a = make_case(N, C, none, ignored, specials, false, seed);
+          Case b = make_case(N, C, none, ignored, specials, true, seed);
+          Case c = make_case(N, C, none, ignored, specials, false, seed);
+          const Case ref = make_case(N, C, none, ignored, specials, false, seed);
+          c.args.grad = nullptr;
+          const double ta = run(a.args, 0, N), tb = run(b.args, 0, N), tc = run(c.args, 0, N);
+          bool same = matches_float64(ref, a.args, N, ta, a.grad.data()) && std::memcmp(&ta, &tb, sizeof ta) == 0 &&
+                      std::memcmp(&ta, &tc, sizeof ta) == 0 &&
+                      std::memcmp(a.grad.data(), b.x.data(), sizeof(float) * N * C) == 0 &&
+                      std::memcmp(a.loss.data(), b.loss.data(), sizeof(float) * N) == 0 &&
+                      std::memcmp(a.loss.data(), c.loss.data(), sizeof(float) * N) == 0 &&
+                      std::memcmp(c.x.data(), ref.x.data(), sizeof(float) * c.x.size()) == 0 &&
+                      std::all_of(c.grad.begin(), c.grad.end(), [](float v) { return v == kUnwritten; });
+          for (int64_t g = 0; g < kGuard; ++g)
+            same &= a.grad[N * C + g] == kUnwritten && a.loss[N + g] == kUnwritten &&
+                    std::memcmp(&b.x[N * C + g], &ref.x[N * C + g], sizeof(float)) == 0;
+          for (int64_t split = 1; split < N; ++split) {
+            Case d = make_case(N, C, none, ignored, specials, true, seed);
+            run(d.args, split, N);
+            same &= std::memcmp(d.x.data(), ref.x.data(), sizeof(float) * split * C) == 0 &&
+                    std::memcmp(d.x.data() + N * C, ref.x.data() + N * C, sizeof(float) * kGuard) == 0;
+            run(d.args, 0, split);
+            same &= std::memcmp(d.x.data(), b.x.data(), sizeof(float) * (N * C + kGuard)) == 0 &&
+                    std::memcmp(d.loss.data(), b.loss.data(), sizeof(float) * (N + kGuard)) == 0;
+          }
+          ++cases;
+          if (!same) {
+            ++differ;
+            std::printf("differs: N=%ld C=%ld none=%d ignored=%d specials=%d\n", static_cast<long>(N),
+                        static_cast<long>(C), none, ignored, specials);
+          }
         }
-        ++cases;
-        if (!same) {
-          ++differ;
-          std::printf("differs: N=%ld C=%ld none=%d ignored=%d specials=%d\n", static_cast<long>(N),
-                      static_cast<long>(C), none, ignored, specials);
-        }
-      }
   std::printf("%d cases checked, %d differ (largest relative error of a finite value: %.1e, bound %.0e)\n", cases,
               differ, worst, kTol);
 
   // ---- timing ----
   const int64_t N = 4096, C = argc > 1 ? std::atoi(argv[1]) : 27;
   if (C < 1 || C > 32) return std::printf("C must be 1..32\n"), 2;
-  using Kernel = double (*)(const CEArgs<float>&, int64_t, int64_t);
-  const Kernel kernels[] = {kernel<1>, kernel<2>, kernel<4>};
-  const char* names[] = {"1 row", "2 rows", "4 rows"};
   for (int none = 0; none < 2; ++none) {
     Case k = make_case(N, C, none, false, false, false, 1);
     std::vector<double> t[3];
@@ -185,7 +186,8 @@ int main(int argc, char** argv) {
         for (int rep = 0; rep < 20; ++rep) kernels[c](k.args, 0, N);
         t[c].push_back((now() - t0) / 20);
       }
-    std::printf("(%ld, %ld) %s, 1 thread, medians:", static_cast<long>(N), static_cast<long>(C), none ? "none" : "mean");
+    std::printf("(%ld, %ld) %s, 1 thread, medians:", static_cast<long>(N), static_cast<long>(C),
+                none ? "none" : "mean");
     for (int c = 0; c < 3; ++c) {
       std::sort(t[c].begin(), t[c].end());
       std::printf("  %s %.1f us", names[c], t[c][20] * 1e6);
