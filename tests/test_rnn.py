@@ -98,14 +98,18 @@ def test_module_matches_nn_rnn(size, dtype, nonlinearity, bias, batch_first, wit
 
 
 # Large products (B * H * H up to 42M multiply-adds per step) on each float32 backend (csrc/cpu/rnn.cpp:
-# choose_backend, forced with MMOPS_RNN_BACKEND): the AVX-512 kernels (the default from T = 2 on an AVX-512 CPU),
-# oneDNN per step (W_hh reordered once from 3 products on) and MKL; T = 1 checks the forced kernel on one step.
-# Against nn.RNN in float64. Without AVX-512 every backend falls back to MKL.
-@pytest.mark.parametrize("backend", ["kernel", "onednn", "mkl"])
+# choose_backend, forced with MMOPS_RNN_BACKEND): the kernels (the default from T = 2 on an AVX-512 or AVX2 CPU; on
+# an AVX-512 CPU "kernel_avx2" runs their AVX2 build, MMOPS_KERNEL_ISA=avx2), oneDNN per step (W_hh reordered once
+# from 3 products on) and MKL; T = 1 checks the forced kernel on one step. Against nn.RNN in float64. On a CPU with
+# neither ISA every backend falls back to MKL.
+@pytest.mark.parametrize("backend", ["kernel", "kernel_avx2", "onednn", "mkl"])
 @pytest.mark.parametrize("size", [(2, 64, 64, 512), (5, 256, 300, 272), (1, 128, 512, 384)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens", [False, True])
 def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, tokens):
+    if backend == "kernel_avx2":
+        backend = "kernel"
+        monkeypatch.setenv("MMOPS_KERNEL_ISA", "avx2")
     monkeypatch.setenv("MMOPS_RNN_BACKEND", backend)
     T, B, I, H = size
     torch.manual_seed(0)
@@ -126,13 +130,13 @@ def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, 
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
 
 
-# float32 recurrences (T >= 2) run on the hand-written AVX-512 kernels where the CPU has them
-# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue; csrc/cpu/gemm_avx512.cpp: the input projection,
-# d_input, and dW_hh / dW_ih as one product over all rows); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step
-# loop. Both against nn.RNN in float64, at sizes with row tails (B not a multiple of 8, B < 8), column tails
-# (H not a multiple of 32, H < 32), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with /
-# without the gradient of hx.
-@pytest.mark.parametrize("path", ["step_kernel", "matmul_per_step"])
+# float32 recurrences (T >= 2) run on the hand-written kernels where the CPU has AVX-512 or AVX2
+# (csrc/cpu/rnn_recurrence.cpp: step product + epilogue; csrc/cpu/gemm.cpp: the input projection, d_input, and
+# dW_hh / dW_ih as one product over all rows); "step_kernel_avx2" forces their AVX2 build (the same as
+# "step_kernel" on an AVX2 CPU); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. All against nn.RNN in
+# float64, at sizes with row tails (B not a multiple of 8 or 6, B < 6), column tails (H not a multiple of 32 or 16,
+# H < 16), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with / without the gradient of hx.
+@pytest.mark.parametrize("path", ["step_kernel", "step_kernel_avx2", "matmul_per_step"])
 @pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
                                   (9, 64, 40, 100)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -141,6 +145,8 @@ def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, 
 def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, tokens, hx_grad):
     if path == "matmul_per_step":
         monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    elif path == "step_kernel_avx2":
+        monkeypatch.setenv("MMOPS_KERNEL_ISA", "avx2")
     T, B, I, H = size
     torch.manual_seed(T * 1000 + B + H)
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=torch.float32)
@@ -165,7 +171,7 @@ def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, toke
 # through that unit (an approximation that stops just short of 1 gave 1 - h^2 ~ 1e-7 and weight gradients ~1e23).
 # A NaN input makes its unit NaN; relu's backward passes the gradient there (threshold_backward blocks only h <= 0),
 # tanh's makes it NaN. Every output and gradient must equal PyTorch's, NaN in the same places, on each path:
-# float32 with the AVX-512 step kernel (T >= 2, where the CPU has it), float32 matmul per step, float64.
+# float32 with the step kernel (T >= 2, where the CPU has AVX-512 or AVX2), float32 matmul per step, float64.
 _PATHS = [(torch.float32, "step_kernel"), (torch.float32, "matmul_per_step"), (torch.float64, "matmul_per_step")]
 
 
@@ -217,7 +223,7 @@ def test_saturation_and_nan_match_nn_rnn(monkeypatch, dtype, path, nonlinearity,
         assert torch.isfinite(results[1][4]).all() and results[1][4].abs().max() < 1e3
 
 
-# The cell (T = 1) runs on MKL by default; MMOPS_RNN_BACKEND=kernel forces the AVX-512 kernels onto one step.
+# The cell (T = 1) runs on MKL by default; MMOPS_RNN_BACKEND=kernel forces the kernels onto one step.
 @pytest.mark.parametrize("dtype, path", [(torch.float32, "default"), (torch.float32, "kernel"),
                                          (torch.float32, "matmul_per_step"), (torch.float64, "default")])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])

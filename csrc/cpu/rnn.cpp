@@ -21,11 +21,10 @@
 // relu's gradient at NaN).
 //
 // Every product of a call runs on one Backend, chosen once per call (choose_backend):
-//   kKernel  float32 on AVX-512, T >= 2 (the default there): the loop over time is the step kernel of
+//   kKernel  float32 on AVX-512 or AVX2, T >= 2 (the default there): the loop over time is the step kernel of
 //            rnn_recurrence.cpp (product and epilogue fused, one OpenMP region for all steps; d_hx from its last
-//            pass); the input projection and d_input are gemm_packed, the weight gradients gemm_tn
-//            (gemm_avx512.cpp).
-//   kMkl     everything else (float64, T = 1, CPUs without AVX-512): at::mm / addmm, one product per step.
+//            pass); the input projection and d_input are gemm_packed, the weight gradients gemm_tn (gemm.cpp).
+//   kMkl     everything else (float64, T = 1, CPUs with neither): at::mm / addmm, one product per step.
 //   kOneDnn  on request only (MMOPS_RNN_BACKEND=onednn, for comparisons): each step one oneDNN product (W_hh
 //            reordered once) and an elementwise pass; the input projection, d_input, d_hx on oneDNN; the weight
 //            gradients gemm_tn (oneDNN would first copy the transposed operands).
@@ -46,7 +45,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/gemm_avx512.h"
+#include "cpu/gemm.h"
 #include "cpu/rnn_recurrence.h"
 #include "cpu/simd.h"
 #include "op_args.h"
@@ -124,7 +123,14 @@ Tensor onednn_reorder(const Tensor& w, int64_t rows) {
 }
 
 // ---- the backend ------------------------------------------------------------------------------------------------
-enum class Backend { kMkl, kOneDnn, kKernel };
+// The kernels' backend names their ISA (gemm.h), chosen once per call: weights packed for one width are read by
+// the same width's kernels.
+enum class Backend { kMkl, kOneDnn, kKernelAvx2, kKernelAvx512 };
+bool is_kernel(Backend b) { return b == Backend::kKernelAvx2 || b == Backend::kKernelAvx512; }
+cpu::KernelIsa isa_of(Backend b) {
+  return b == Backend::kKernelAvx512 ? cpu::KernelIsa::kAvx512 : b == Backend::kKernelAvx2 ? cpu::KernelIsa::kAvx2
+                                                                                           : cpu::KernelIsa::kNone;
+}
 
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
@@ -134,25 +140,30 @@ bool env_is(const char* name, const char* value) {
 // float32 on an AVX-512 CPU takes the kernels from two steps on, at every size and on every vendor's CPU: per
 // product shape of the RNN they run at 70-97% of the CPU's measured FMA peak, level with or ahead of oneDNN and
 // MKL, and the step kernel saves each step's library call, elementwise pass and fork/join (bench/results/rnn.md,
-// which also gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). One step (the
+// which also gives the reasoning for Intel CPUs, where MKL's sgemm runs at full AVX-512 width). On an AVX2 CPU
+// (AMD Zen 1-3, Intel client cores) the same kernels at 8 lanes: on an AMD EPYC Zen 3, 2 threads, mmops.nn.RNN
+// fwd+bwd against nn.RNN, kernels / MKL per step, interleaved in one process: T35 B32 I28 H256 2.05x / 1.86x,
+// T16 B32 I64 H64 2.76x / 2.65x, T64 B128 I128 H512 1.38x / 1.24x, tokens at T35 2.41x / 1.94x. One step (the
 // cell) stays on MKL: packing W_hh costs about as much as the step. Read per call, so that a benchmark can
 // compare the backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN
 // where torch has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
 Backend choose_backend(at::ScalarType dtype, int64_t T) {
-  if (dtype != at::kFloat || !simd::cpu_has_avx512()) return Backend::kMkl;  // the kernels are AVX-512 code
+  const cpu::KernelIsa isa = cpu::kernel_isa();
+  if (dtype != at::kFloat || isa == cpu::KernelIsa::kNone) return Backend::kMkl;  // the kernels are float32 SIMD code
+  const Backend kernel = isa == cpu::KernelIsa::kAvx512 ? Backend::kKernelAvx512 : Backend::kKernelAvx2;
   if (env_is("MMOPS_RNN_BACKEND", "mkl") || env_is("MMOPS_NO_STEP_KERNEL", "1")) return Backend::kMkl;
   if (env_is("MMOPS_RNN_BACKEND", "onednn")) return onednn().linear ? Backend::kOneDnn : Backend::kMkl;
-  if (env_is("MMOPS_RNN_BACKEND", "kernel")) return Backend::kKernel;
-  return T >= 2 ? Backend::kKernel : Backend::kMkl;
+  if (env_is("MMOPS_RNN_BACKEND", "kernel")) return kernel;
+  return T >= 2 ? kernel : Backend::kMkl;
 }
 
 // W (rows, cols) packed for gemm_packed / the step kernel: as B = W^T (transpose) or B = W.
-Tensor packed(const Tensor& w, bool transpose) {
+Tensor packed(cpu::KernelIsa isa, const Tensor& w, bool transpose) {
   const Tensor wc = w.contiguous();
   const int64_t rows = wc.size(0), cols = wc.size(1);
   const int64_t K = transpose ? cols : rows, N = transpose ? rows : cols;
-  Tensor out = at::empty({cpu::packed_floats(K, N)}, w.options());
-  cpu::pack_panels(wc.const_data_ptr<float>(), K, N, transpose ? 1 : cols, transpose ? cols : 1,
+  Tensor out = at::empty({cpu::packed_floats(isa, K, N)}, w.options());
+  cpu::pack_panels(isa, wc.const_data_ptr<float>(), K, N, transpose ? 1 : cols, transpose ? cols : 1,
                    out.mutable_data_ptr<float>(), at::get_num_threads());
   return out;
 }
@@ -164,7 +175,8 @@ Tensor times_transposed(Backend b, const Tensor& x, const Tensor& w, const std::
   const int64_t M = x.size(0), N = w.size(0);
   const Tensor xc = x.contiguous(), bias_c = bias ? bias->contiguous() : Tensor();
   Tensor c = at::empty({M, N}, x.options());
-  cpu::gemm_packed(xc.const_data_ptr<float>(), M, xc.size(1), xc.size(1), packed(w, true).const_data_ptr<float>(),
+  cpu::gemm_packed(isa_of(b), xc.const_data_ptr<float>(), M, xc.size(1), xc.size(1),
+                   packed(isa_of(b), w, true).const_data_ptr<float>(),
                    N, bias ? bias_c.const_data_ptr<float>() : nullptr, c.mutable_data_ptr<float>(),
                    at::get_num_threads());
   return c;
@@ -177,7 +189,8 @@ Tensor times(Backend b, const Tensor& a, const Tensor& w) {
   const int64_t M = a.size(0), N = w.size(1);
   const Tensor ac = a.contiguous();
   Tensor c = at::empty({M, N}, a.options());
-  cpu::gemm_packed(ac.const_data_ptr<float>(), M, ac.size(1), ac.size(1), packed(w, false).const_data_ptr<float>(),
+  cpu::gemm_packed(isa_of(b), ac.const_data_ptr<float>(), M, ac.size(1), ac.size(1),
+                   packed(isa_of(b), w, false).const_data_ptr<float>(),
                    N, nullptr, c.mutable_data_ptr<float>(), at::get_num_threads());
   return c;
 }
@@ -198,7 +211,7 @@ Tensor sum_transposed_products(Backend b, const std::vector<RowPair>& pairs, int
     segs.push_back({rp.g.const_data_ptr<float>(), rp.g.stride(0), rp.p.const_data_ptr<float>(), rp.p.stride(0),
                     rp.g.size(0)});
   Tensor c = at::empty({M, N}, pairs[0].g.options());
-  cpu::gemm_tn(segs.data(), int(segs.size()), M, N, c.mutable_data_ptr<float>(), at::get_num_threads());
+  cpu::gemm_tn(isa_of(b), segs.data(), int(segs.size()), M, N, c.mutable_data_ptr<float>(), at::get_num_threads());
   return c;
 }
 
@@ -309,9 +322,9 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
 
   // 2. out[t] = act(out[t] + h_{t-1} W_hh^T)
   const Tensor h0 = hx.contiguous();
-  if (backend == Backend::kKernel) {
-    cpu::rnn_recurrence_forward(out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
-                                packed(w_hh, /*transpose=*/true).const_data_ptr<float>(), d.T, d.B, d.H, act,
+  if (is_kernel(backend)) {
+    cpu::rnn_recurrence_forward(isa_of(backend), out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
+                                packed(isa_of(backend), w_hh, /*transpose=*/true).const_data_ptr<float>(), d.T, d.B, d.H, act,
                                 at::get_num_threads());
     return out;
   }
@@ -357,10 +370,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(const Tensor& gr
 
   // 1. dpre_t = act_grad(dpre_{t+1} W_hh + dout_t, h_t), t = T-1 .. 0
   Tensor dpre = at::empty({d.T, d.B, H}, w_ih.options());
-  if (backend == Backend::kKernel) {
+  if (is_kernel(backend)) {
     if (need_hx) d_hx = at::empty({d.B, H}, w_ih.options());
-    cpu::rnn_recurrence_backward(dpre.mutable_data_ptr<float>(), dout.const_data_ptr<float>(),
-                                 h.const_data_ptr<float>(), packed(w_hh, /*transpose=*/false).const_data_ptr<float>(),
+    cpu::rnn_recurrence_backward(isa_of(backend), dpre.mutable_data_ptr<float>(), dout.const_data_ptr<float>(),
+                                 h.const_data_ptr<float>(),
+                                 packed(isa_of(backend), w_hh, /*transpose=*/false).const_data_ptr<float>(),
                                  need_hx ? d_hx.mutable_data_ptr<float>() : nullptr, d.T, d.B, H, act,
                                  at::get_num_threads());
   } else {
