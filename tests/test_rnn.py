@@ -135,10 +135,10 @@ def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, 
 # dW_hh / dW_ih as one product over all rows); "step_kernel_avx2" forces their AVX2 build (the same as
 # "step_kernel" on an AVX2 CPU); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. All against nn.RNN in
 # float64, at sizes with row tails (B not a multiple of 8 or 6, B < 6), column tails (H not a multiple of 32 or 16,
-# H < 16), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with / without the gradient of hx.
+# H < 16, H <= 8: the second vector of a panel wholly outside), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with / without the gradient of hx.
 @pytest.mark.parametrize("path", ["step_kernel", "step_kernel_avx2", "matmul_per_step"])
 @pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
-                                  (9, 64, 40, 100)])
+                                  (9, 64, 40, 100), (6, 7, 3, 5), (4, 13, 2, 12)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize("hx_grad", [True, False])
@@ -171,8 +171,10 @@ def test_float32_paths_match_float64(monkeypatch, path, size, nonlinearity, toke
 # through that unit (an approximation that stops just short of 1 gave 1 - h^2 ~ 1e-7 and weight gradients ~1e23).
 # A NaN input makes its unit NaN; relu's backward passes the gradient there (threshold_backward blocks only h <= 0),
 # tanh's makes it NaN. Every output and gradient must equal PyTorch's, NaN in the same places, on each path:
-# float32 with the step kernel (T >= 2, where the CPU has AVX-512 or AVX2), float32 matmul per step, float64.
-_PATHS = [(torch.float32, "step_kernel"), (torch.float32, "matmul_per_step"), (torch.float64, "matmul_per_step")]
+# float32 with the step kernel (T >= 2, where the CPU has AVX-512 or AVX2; and its AVX2 build forced), float32 matmul
+# per step, float64.
+_PATHS = [(torch.float32, "step_kernel"), (torch.float32, "step_kernel_avx2"), (torch.float32, "matmul_per_step"),
+          (torch.float64, "matmul_per_step")]
 
 
 def _hostile_input(shape, kind, dtype, seed):
@@ -204,6 +206,8 @@ def _assert_same_values(ours, theirs, dtype, what):
 def test_saturation_and_nan_match_nn_rnn(monkeypatch, dtype, path, nonlinearity, kind):
     if path == "matmul_per_step":
         monkeypatch.setenv("MMOPS_NO_STEP_KERNEL", "1")
+    elif path == "step_kernel_avx2":  # the AVX2 build of the kernels, also on an AVX-512 CPU
+        monkeypatch.setenv("MMOPS_KERNEL_ISA", "avx2")
     T, B, I, H = 6, 5, 4, 40  # H = 40: a full and a partial 32-column panel of the step kernel
     torch.manual_seed(11)
     ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, I, H, nonlinearity=nonlinearity, dtype=dtype)

@@ -14,6 +14,12 @@
 // functions of different ISAs, whose ABIs differ.
 // Include only under MMOPS_X86.
 #pragma once
+#ifndef __OPTIMIZE__
+// Without optimisation flatten inlines nothing, and a vector returned by an Isa function to a caller compiled for
+// the baseline ISA crosses an ABI boundary (a review's -O0 build crashed there). setup.py builds at -O3 (-O1 for the
+// sanitizer suite).
+#error "gemm_kernel.h needs an optimised build (-O1 or above)"
+#endif
 #include <omp.h>
 
 #include <algorithm>

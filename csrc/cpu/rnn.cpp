@@ -211,7 +211,10 @@ Tensor sum_transposed_products(Backend b, const std::vector<RowPair>& pairs, int
     segs.push_back({rp.g.const_data_ptr<float>(), rp.g.stride(0), rp.p.const_data_ptr<float>(), rp.p.stride(0),
                     rp.g.size(0)});
   Tensor c = at::empty({M, N}, pairs[0].g.options());
-  cpu::gemm_tn(isa_of(b), segs.data(), int(segs.size()), M, N, c.mutable_data_ptr<float>(), at::get_num_threads());
+  // oneDNN's weight gradients run on the kernels too (oneDNN would first copy the transposed operands): those of
+  // this CPU (choose_backend picks oneDNN only where there are some)
+  const cpu::KernelIsa isa = is_kernel(b) ? isa_of(b) : cpu::kernel_isa();
+  cpu::gemm_tn(isa, segs.data(), int(segs.size()), M, N, c.mutable_data_ptr<float>(), at::get_num_threads());
   return c;
 }
 
