@@ -7,6 +7,7 @@ import mmops
 import mmops.nn
 from mmops import reference
 from mmops._ops import ops
+from mmops.bench import isa_path
 from mmops.testing import cmp
 
 from .conftest import tol
@@ -128,6 +129,31 @@ def test_large_products_match_float64(monkeypatch, backend, size, nonlinearity, 
         results.append([out, h_n, hi.grad] + ([] if tokens else [xi.grad]) + _grads(m))
     for a, e in zip(results[1], results[0]):
         torch.testing.assert_close(a.detach(), e.detach().float(), rtol=2e-3, atol=2e-3)
+
+
+# The backend's environment variables are checked on every call: a misspelt value raises, naming the variable,
+# rather than silently measuring the default; MMOPS_KERNEL_ISA asks only for what the CPU has.
+@pytest.mark.parametrize("name, value", [("MMOPS_RNN_BACKEND", "onednnn"), ("MMOPS_NO_STEP_KERNEL", "yes"),
+                                         ("MMOPS_KERNEL_ISA", "sse4")])
+def test_backend_environment_is_checked(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    rnn = mmops.nn.RNN(3, 8)
+    with pytest.raises(ValueError, match=name):
+        rnn(torch.randn(4, 2, 3))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_kernel_isa_asks_only_for_what_the_cpu_has(monkeypatch, isa):
+    monkeypatch.setenv("MMOPS_KERNEL_ISA", isa)
+    has = isa_path() in (("avx2", "avx512") if isa == "avx2" else ("avx512",))  # from /proc/cpuinfo's flags
+    torch.manual_seed(0)
+    ref, ours = _twin(torch.nn.RNN, mmops.nn.RNN, 3, 40, dtype=torch.float32)
+    x = torch.randn(5, 7, 3)
+    if has:
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match=f"MMOPS_KERNEL_ISA={isa}, but this CPU has no"):
+            ours(x)
 
 
 # float32 recurrences (T >= 2) run on the hand-written kernels where the CPU has AVX-512 or AVX2

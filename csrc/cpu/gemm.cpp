@@ -6,8 +6,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "cpu/gemm_kernel.h"
@@ -22,9 +20,7 @@ int64_t panel_columns(KernelIsa isa) { return isa == KernelIsa::kAvx512 ? 32 : 1
 }  // namespace
 
 KernelIsa kernel_isa() {
-  const char* forced = std::getenv("MMOPS_KERNEL_ISA");
-  const bool avx2_asked = forced && std::string(forced) == "avx2";
-  if (simd::cpu_has_avx512() && !avx2_asked) return KernelIsa::kAvx512;
+  if (simd::cpu_has_avx512()) return KernelIsa::kAvx512;
   return simd::cpu_has_avx2() ? KernelIsa::kAvx2 : KernelIsa::kNone;
 }
 

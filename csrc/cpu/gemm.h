@@ -15,8 +15,8 @@ namespace mmops::cpu {
 // panels packed for one width are never read by the other.
 enum class KernelIsa { kNone, kAvx2, kAvx512 };
 
-// AVX-512 where the CPU has it, else AVX2 + FMA, else none (and none in a build without MMOPS_X86).
-// MMOPS_KERNEL_ISA=avx2 takes the AVX2 kernels on an AVX-512 CPU (so that its tests run both); read per call.
+// The CPU's best: AVX-512 where it has it, else AVX2 + FMA, else none (and none in a build without MMOPS_X86).
+// (rnn.cpp lets MMOPS_KERNEL_ISA=avx2 take the AVX2 kernels on an AVX-512 CPU, so that its tests run both.)
 KernelIsa kernel_isa();
 
 // B (K, N), element (k, n) at b[k * sk + n * sn], packed into panels of the ISA's width (32 columns on AVX-512, 16

@@ -132,9 +132,10 @@ cpu::KernelIsa isa_of(Backend b) {
                                                                                            : cpu::KernelIsa::kNone;
 }
 
-bool env_is(const char* name, const char* value) {
+// An environment variable's value, "" when unset.
+std::string env_value(const char* name) {
   const char* v = std::getenv(name);
-  return v && std::string(v) == value;
+  return v ? std::string(v) : std::string();
 }
 
 // float32 on an AVX-512 CPU takes the kernels from two steps on, at every size and on every vendor's CPU: per
@@ -146,14 +147,30 @@ bool env_is(const char* name, const char* value) {
 // T16 B32 I64 H64 2.76x / 2.65x, T64 B128 I128 H512 1.38x / 1.24x, tokens at T35 2.41x / 1.94x. One step (the
 // cell) stays on MKL: packing W_hh costs about as much as the step. Read per call, so that a benchmark can
 // compare the backends in one process: MMOPS_RNN_BACKEND=mkl|onednn|kernel forces one where it can run (oneDNN
-// where torch has it); MMOPS_NO_STEP_KERNEL=1 means mkl.
+// where torch has it); MMOPS_NO_STEP_KERNEL=1 means mkl; MMOPS_KERNEL_ISA=avx2|avx512 picks the kernels' build (avx2
+// on an AVX-512 CPU: its tests run both).
 Backend choose_backend(at::ScalarType dtype, int64_t T) {
-  const cpu::KernelIsa isa = cpu::kernel_isa();
+  // each variable checked, so that a misspelt value does not silently measure the default
+  const std::string forced = env_value("MMOPS_RNN_BACKEND"), no_step = env_value("MMOPS_NO_STEP_KERNEL"),
+                    isa_name = env_value("MMOPS_KERNEL_ISA");
+  TORCH_CHECK_VALUE(forced.empty() || forced == "mkl" || forced == "onednn" || forced == "kernel",
+                    "MMOPS_RNN_BACKEND must be mkl, onednn or kernel (or unset), got '", forced, "'");
+  TORCH_CHECK_VALUE(no_step.empty() || no_step == "0" || no_step == "1",
+                    "MMOPS_NO_STEP_KERNEL must be 0 or 1 (or unset), got '", no_step, "'");
+  cpu::KernelIsa isa = cpu::kernel_isa();
+  if (isa_name == "avx2") {
+    TORCH_CHECK_VALUE(isa != cpu::KernelIsa::kNone, "MMOPS_KERNEL_ISA=avx2, but this CPU has no AVX2 + FMA");
+    isa = cpu::KernelIsa::kAvx2;
+  } else if (isa_name == "avx512") {
+    TORCH_CHECK_VALUE(isa == cpu::KernelIsa::kAvx512, "MMOPS_KERNEL_ISA=avx512, but this CPU has no AVX-512");
+  } else {
+    TORCH_CHECK_VALUE(isa_name.empty(), "MMOPS_KERNEL_ISA must be avx2 or avx512 (or unset), got '", isa_name, "'");
+  }
   if (dtype != at::kFloat || isa == cpu::KernelIsa::kNone) return Backend::kMkl;  // the kernels are float32 SIMD code
   const Backend kernel = isa == cpu::KernelIsa::kAvx512 ? Backend::kKernelAvx512 : Backend::kKernelAvx2;
-  if (env_is("MMOPS_RNN_BACKEND", "mkl") || env_is("MMOPS_NO_STEP_KERNEL", "1")) return Backend::kMkl;
-  if (env_is("MMOPS_RNN_BACKEND", "onednn")) return onednn().linear ? Backend::kOneDnn : Backend::kMkl;
-  if (env_is("MMOPS_RNN_BACKEND", "kernel")) return kernel;
+  if (forced == "mkl" || no_step == "1") return Backend::kMkl;
+  if (forced == "onednn") return onednn().linear ? Backend::kOneDnn : Backend::kMkl;
+  if (forced == "kernel") return kernel;
   return T >= 2 ? kernel : Backend::kMkl;
 }
 
