@@ -161,7 +161,8 @@ def test_kernel_isa_asks_only_for_what_the_cpu_has(monkeypatch, isa):
 # dW_hh / dW_ih as one product over all rows); "step_kernel_avx2" forces their AVX2 build (the same as
 # "step_kernel" on an AVX2 CPU); MMOPS_NO_STEP_KERNEL=1 takes the matmul-per-step loop. All against nn.RNN in
 # float64, at sizes with row tails (B not a multiple of 8 or 6, B < 6), column tails (H not a multiple of 32 or 16,
-# H < 16, H <= 8: the second vector of a panel wholly outside), more rows than one chunk of gemm_tn (T * B > 128), T = 1, and with / without the gradient of hx.
+# H < 16, H <= 8: the second vector of a panel wholly outside), more rows than one chunk of gemm_tn (T * B > 128),
+# T = 1, and with / without the gradient of hx.
 @pytest.mark.parametrize("path", ["step_kernel", "step_kernel_avx2", "matmul_per_step"])
 @pytest.mark.parametrize("size", [(35, 32, 28, 256), (7, 13, 5, 45), (3, 5, 3, 17), (40, 9, 30, 70), (1, 3, 2, 33),
                                   (9, 64, 40, 100), (6, 7, 3, 5), (4, 13, 2, 12)])

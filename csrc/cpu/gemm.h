@@ -41,6 +41,7 @@ struct RowSegment {
   int64_t ldp;
   int64_t rows;
 };
-void gemm_tn(KernelIsa isa, const RowSegment* segments, int num_segments, int64_t M, int64_t N, float* c, int num_threads);
+void gemm_tn(KernelIsa isa, const RowSegment* segments, int num_segments, int64_t M, int64_t N, float* c,
+             int num_threads);
 
 }  // namespace mmops::cpu

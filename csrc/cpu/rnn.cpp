@@ -344,8 +344,8 @@ Tensor rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih, co
   const Tensor h0 = hx.contiguous();
   if (is_kernel(backend)) {
     cpu::rnn_recurrence_forward(isa_of(backend), out.mutable_data_ptr<float>(), h0.const_data_ptr<float>(),
-                                packed(isa_of(backend), w_hh, /*transpose=*/true).const_data_ptr<float>(), d.T, d.B, d.H, act,
-                                at::get_num_threads());
+                                packed(isa_of(backend), w_hh, /*transpose=*/true).const_data_ptr<float>(), d.T, d.B,
+                                d.H, act, at::get_num_threads());
     return out;
   }
   const StepProduct step(backend, w_hh.t(), d.B, d.T);

@@ -183,8 +183,10 @@ void rnn_recurrence_forward(KernelIsa isa, float* out, const float* h0, const fl
 
 void rnn_recurrence_backward(KernelIsa isa, float* dpre, const float* dout, const float* h, const float* packed_w_hh,
                              float* dhx, int64_t T, int64_t B, int64_t H, int64_t act, int num_threads) {
-  if (isa == KernelIsa::kAvx512) recurrence_backward<Avx512>(dpre, dout, h, packed_w_hh, dhx, T, B, H, act, num_threads);
-  else recurrence_backward<Avx2>(dpre, dout, h, packed_w_hh, dhx, T, B, H, act, num_threads);
+  if (isa == KernelIsa::kAvx512)
+    recurrence_backward<Avx512>(dpre, dout, h, packed_w_hh, dhx, T, B, H, act, num_threads);
+  else
+    recurrence_backward<Avx2>(dpre, dout, h, packed_w_hh, dhx, T, B, H, act, num_threads);
 }
 
 #else  // no SIMD kernels in this build: kernel_isa() (gemm.h) is kNone, and callers do not call these
