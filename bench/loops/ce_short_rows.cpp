@@ -10,6 +10,7 @@
 // Measured on an AMD EPYC Zen 4 (this project's VM), 1 thread, (4096, 27), "mean": a row at a time 76-89 us, the
 // kernel 57-68 us (C = 16: 66 -> 50 us, C = 32: 76 -> 57 us).
 #include "../../csrc/cpu/cross_entropy_short_rows.h"
+#include "ce_cases.h"
 
 #include <algorithm>
 #include <chrono>
@@ -19,6 +20,7 @@
 #include <random>
 #include <vector>
 
+using ce_cases::Case;
 using mmops::cpu::CEArgs;
 namespace simd = mmops::simd;
 
@@ -85,32 +87,9 @@ __attribute__((noinline)) double kernel(const CEArgs<float>& a, int64_t begin, i
   return mmops::cpu::ce_short_rows_avx512(a, begin, end);
 }
 
-struct Case {
-  std::vector<float> x, grad, loss;
-  std::vector<int64_t> y;
-  CEArgs<float> args;
-};
-
 // N rows of C logits (normal, scale 3, a -inf, a large one and a NaN), every 7th target ignored when `ignored`.
 Case make_case(int64_t N, int64_t C, bool none, bool ignored, bool inplace, unsigned seed) {
-  Case k;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 3.0f);
-  k.x.resize(N * C);
-  for (auto& v : k.x) v = normal(rng);
-  if (N * C > 40) k.x[13] = -__builtin_inff(), k.x[29] = 80.0f;
-  if (N * C > 60) k.x[57] = __builtin_nanf("");
-  k.y.resize(N);
-  for (int64_t i = 0; i < N; ++i) k.y[i] = ignored && i % 7 == 3 ? -100 : static_cast<int64_t>(rng() % C);
-  k.grad.assign(N * C, 0.0f);
-  k.loss.assign(N, 0.0f);
-  k.args.x = k.x.data();
-  k.args.C = C;
-  k.args.y = k.y.data();
-  k.args.grad_scale = none ? 1.0f : 1.0f / static_cast<float>(N);
-  k.args.grad = inplace ? k.x.data() : k.grad.data();
-  k.args.loss_rows = none ? k.loss.data() : nullptr;
-  return k;
+  return ce_cases::make_case(N, C, none, ignored, /*specials=*/true, inplace, seed, /*guard=*/0, /*fill=*/0.0f);
 }
 
 }  // namespace

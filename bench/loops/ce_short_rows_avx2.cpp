@@ -13,6 +13,7 @@
 // three runs: 1 row 149-185 us, 2 rows 118-147 us, 4 rows 102-128 us (3 rows, tried once: 110 us); C = 16: 91 / 79 /
 // 65 us; C = 32: 149 / 119 / 106 us. The op's former path (the generic blocks) took 237 us with its overheads.
 #include "../../csrc/cpu/cross_entropy_short_rows.h"
+#include "ce_cases.h"
 
 #include <algorithm>
 #include <chrono>
@@ -23,6 +24,7 @@
 #include <random>
 #include <vector>
 
+using ce_cases::Case;
 using mmops::cpu::CEArgs;
 namespace simd = mmops::simd;
 
@@ -40,35 +42,14 @@ MMOPS_AVX2_TARGET __attribute__((noinline)) double kernel(const CEArgs<float>& a
   }
 }
 
-struct Case {
-  std::vector<float> x, grad, loss;
-  std::vector<int64_t> y;
-  CEArgs<float> args;
-};
-
 constexpr int64_t kGuard = 16;       // floats after each buffer, which the kernel must leave alone
 constexpr float kUnwritten = -7.0f;  // the gradient's fill: the kernel must overwrite every value of it
 
-// N rows of C logits (normal, scale 3), every 7th target ignored when `ignored`; with `specials`, a -inf, a +inf, a
-// large one and a NaN at fixed places (their rows' losses and gradients are inf or NaN, and so is a "mean" total).
+// ce_cases.h's cases with kGuard floats after every buffer, the outputs filled with kUnwritten; with `specials` also
+// a +inf (its row's loss and gradient are NaN).
 Case make_case(int64_t N, int64_t C, bool none, bool ignored, bool specials, bool inplace, unsigned seed) {
-  Case k;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 3.0f);
-  k.x.resize(N * C + kGuard);
-  for (auto& v : k.x) v = normal(rng);
-  if (specials && N * C > 40) k.x[13] = -__builtin_inff(), k.x[29] = 80.0f;
-  if (specials && N * C > 60) k.x[57] = __builtin_nanf(""), k.x[N * C - 2] = __builtin_inff();
-  k.y.resize(N);
-  for (int64_t i = 0; i < N; ++i) k.y[i] = ignored && i % 7 == 3 ? -100 : static_cast<int64_t>(rng() % C);
-  k.grad.assign(N * C + kGuard, kUnwritten);
-  k.loss.assign(N + kGuard, kUnwritten);
-  k.args.x = k.x.data();
-  k.args.C = C;
-  k.args.y = k.y.data();
-  k.args.grad_scale = none ? 1.0f : 1.0f / static_cast<float>(N);
-  k.args.grad = inplace ? k.x.data() : k.grad.data();
-  k.args.loss_rows = none ? k.loss.data() : nullptr;
+  Case k = ce_cases::make_case(N, C, none, ignored, specials, inplace, seed, kGuard, kUnwritten);
+  if (specials && N * C > 60) k.x[N * C - 2] = __builtin_inff();
   return k;
 }
 
