@@ -86,6 +86,46 @@ MMOPS_INLINE void exp_inplace(T* v, int64_t n) {
   for (int64_t j = 0; j < n; ++j) v[j] = simd::exp(v[j]);
 }
 
+// The loss and gradient of one row, written once for the block kernels and the long-row kernels below (the math
+// and its names are at the top of this file). e_over_C = e / C, keep = 1 - e.
+
+// Class-index target y: loss_i = (1-e) w_y (log s + (m - x_y)) + e/C (W log s + sum_c w_c (m - x_c)),
+// gap_y = m - x_y, smooth_gap = sum_c w_c (m - x_c).
+template <typename T, bool kSmooth>
+MMOPS_INLINE T index_row_loss(const CEArgs<T>& a, T log_s, T gap_y, T w_y, T smooth_gap, T e_over_C) {
+  const T loss = w_y * (log_s + gap_y);
+  return kSmooth ? (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + smooth_gap) : loss;
+}
+
+// Class-index target y: G_ij = r (((1-e) w_y + e/C W) p_j - e/C w_j - (1-e) w_y [j == y]), p_j = g_j / s, written
+// over g_j = exp(x_j - m).
+template <typename T, bool kWeight, bool kSmooth>
+MMOPS_INLINE void index_row_grad(const CEArgs<T>& a, T* g, int64_t y, T s, T w_y, T e_over_C) {
+  const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
+  const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
+  const T smooth_share = a.grad_scale * e_over_C;
+#pragma omp simd
+  for (int64_t j = 0; j < a.C; ++j)
+    g[j] = g[j] * coef - (kSmooth ? (kWeight ? smooth_share * a.w[j] : smooth_share) : T(0));
+  g[y] -= a.grad_scale * hot;
+}
+
+// Probability target t: w_j t'_j, t'_j = (1-e) t_j + e/C.
+template <typename T, bool kWeight, bool kSmooth>
+MMOPS_INLINE T weighted_target(const CEArgs<T>& a, const T* t, int64_t j, T keep, T e_over_C) {
+  const T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
+  return kWeight ? tj * a.w[j] : tj;
+}
+
+// Probability target t: G_ij = r (T p_j - w_j t'_j), mass = T = sum_c w_c t'_c, written over g_j = exp(x_j - m).
+template <typename T, bool kWeight, bool kSmooth>
+MMOPS_INLINE void prob_row_grad(const CEArgs<T>& a, T* g, const T* t, T s, T mass, T keep, T e_over_C) {
+  const T coef = a.grad_scale * mass / s;
+#pragma omp simd
+  for (int64_t j = 0; j < a.C; ++j)
+    g[j] = g[j] * coef - a.grad_scale * weighted_target<T, kWeight, kSmooth>(a, t, j, keep, e_over_C);
+}
+
 // Rows [begin, end) with class-index targets. Returns the sum of their losses.
 template <typename T, bool kWeight, bool kSmooth, bool kGrad>
 MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end, T* scratch) {
@@ -119,29 +159,12 @@ MMOPS_INLINE double ce_index_rows(const CEArgs<T>& a, int64_t begin, int64_t end
         continue;
       }
       const T s = simd::sum(g, C);
-      const T log_s = std::log(s);
       const T w_y = kWeight ? a.w[y] : T(1);
-      T loss = w_y * (log_s + (rb.m[r] - rb.x_y[r]));
-      if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + rb.smooth_gap[r]);
+      const T loss = index_row_loss<T, kSmooth>(a, std::log(s), rb.m[r] - rb.x_y[r], w_y,
+                                                kSmooth ? rb.smooth_gap[r] : T(0), e_over_C);
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
-      if (kGrad) {
-        const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
-        const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
-        if (kSmooth && kWeight) {
-          const T smooth_share = a.grad_scale * e_over_C;
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share * a.w[j];
-        } else if (kSmooth) {
-          const T smooth_share = a.grad_scale * e_over_C;
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] = g[j] * coef - smooth_share;
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) g[j] *= coef;
-        }
-        g[y] -= a.grad_scale * hot;
-      }
+      if (kGrad) index_row_grad<T, kWeight, kSmooth>(a, g, y, s, w_y, e_over_C);
     }
   }
   return total;
@@ -166,8 +189,7 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       T mass = 0, gap_sum = 0;  // sum_c w_c t'_c and sum_c w_c t'_c (m - x_c)
 #pragma omp simd reduction(+ : mass, gap_sum)
       for (int64_t j = 0; j < C; ++j) {
-        T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
-        if (kWeight) tj *= a.w[j];
+        const T tj = weighted_target<T, kWeight, kSmooth>(a, t, j, keep, e_over_C);
         mass += tj;
         gap_sum -= tj * work_row[j];
       }
@@ -184,15 +206,7 @@ MMOPS_INLINE double ce_prob_rows(const CEArgs<T>& a, int64_t begin, int64_t end,
       const T loss = rb.target_mass[r] * std::log(s) + rb.target_gap[r];
       total += loss;
       if (a.loss_rows) a.loss_rows[i] = loss;
-      if (kGrad) {
-        const T coef = a.grad_scale * rb.target_mass[r] / s;
-#pragma omp simd
-        for (int64_t j = 0; j < C; ++j) {
-          T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
-          if (kWeight) tj *= a.w[j];
-          g[j] = g[j] * coef - a.grad_scale * tj;
-        }
-      }
+      if (kGrad) prob_row_grad<T, kWeight, kSmooth>(a, g, t, s, rb.target_mass[r], keep, e_over_C);
     }
   }
   return total;
@@ -227,21 +241,11 @@ MMOPS_INLINE double ce_index_long_rows(const CEArgs<T>& a, int64_t begin, int64_
       if (kGrad) g[j] = e;
       s += e;
     }
-    const T log_s = std::log(s);
     const T w_y = kWeight ? a.w[y] : T(1);
-    T loss = w_y * (log_s + (m - x_y));
-    if (kSmooth) loss = (1 - a.smoothing) * loss + e_over_C * (a.weight_sum * log_s + smooth_gap);
+    const T loss = index_row_loss<T, kSmooth>(a, std::log(s), m - x_y, w_y, smooth_gap, e_over_C);
     total += loss;
     if (a.loss_rows) a.loss_rows[i] = loss;
-    if (kGrad) {
-      const T hot = kSmooth ? (1 - a.smoothing) * w_y : w_y;
-      const T coef = a.grad_scale * (kSmooth ? hot + e_over_C * a.weight_sum : hot) / s;
-      const T smooth_share = a.grad_scale * e_over_C;
-#pragma omp simd
-      for (int64_t j = 0; j < C; ++j)
-        g[j] = g[j] * coef - (kSmooth ? (kWeight ? smooth_share * a.w[j] : smooth_share) : T(0));
-      g[y] -= a.grad_scale * hot;
-    }
+    if (kGrad) index_row_grad<T, kWeight, kSmooth>(a, g, y, s, w_y, e_over_C);
   }
   return total;
 }
@@ -260,8 +264,7 @@ MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t
 #pragma omp simd reduction(+ : s, mass, gap_sum)
     for (int64_t j = 0; j < C; ++j) {
       const T d = x[j] - m;
-      T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
-      if (kWeight) tj *= a.w[j];
+      const T tj = weighted_target<T, kWeight, kSmooth>(a, t, j, keep, e_over_C);
       mass += tj;
       gap_sum -= tj * d;
       const T e = simd::exp(d);
@@ -271,15 +274,7 @@ MMOPS_INLINE double ce_prob_long_rows(const CEArgs<T>& a, int64_t begin, int64_t
     const T loss = mass * std::log(s) + gap_sum;
     total += loss;
     if (a.loss_rows) a.loss_rows[i] = loss;
-    if (kGrad) {
-      const T coef = a.grad_scale * mass / s;
-#pragma omp simd
-      for (int64_t j = 0; j < C; ++j) {
-        T tj = kSmooth ? keep * t[j] + e_over_C : t[j];
-        if (kWeight) tj *= a.w[j];
-        g[j] = g[j] * coef - a.grad_scale * tj;
-      }
-    }
+    if (kGrad) prob_row_grad<T, kWeight, kSmooth>(a, g, t, s, mass, keep, e_over_C);
   }
   return total;
 }
