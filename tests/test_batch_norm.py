@@ -135,7 +135,8 @@ ops = torch.ops.mmops
 out = []
 for seed, (N, C, act, dtype) in enumerate([(2000, 70, 0, torch.float32), (333, 256, 1, torch.float32),
                                            (4100, 33, 2, torch.float32), (515, 96, 1, torch.float64),
-                                           (47, 64, 0, torch.float32), (301, 7, 1, torch.float32)]):
+                                           (47, 64, 0, torch.float32), (301, 7, 1, torch.float32),
+                                           (150, 200, 0, torch.float32), (40, 27, 2, torch.float64)]):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, generator=g, dtype=dtype) * 3 + 100
     x[:, C // 2] *= 1e19  # squares that overflow float32: this channel's blocks are summed again in double
@@ -151,8 +152,8 @@ torch.save(out, sys.argv[1])
 
 
 def test_sums_are_bitwise_the_same_from_cache_and_from_memory(tmp_path):
-    # The sums read data in cache in tiles of rows and data from memory row after row
-    # (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same blocks and order either way
+    # The sums read data in cache in tiles of rows (32, 8, 4 and 1 channels wide: the sizes here take every width)
+    # and data from memory row after row (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same blocks and order either way
     # (including a channel summed again in double), so the statistics and running statistics (and the backward's sums)
     # must not differ in a single bit (MMOPS_BN_STREAM_ABOVE_BYTES=0: every size takes the from-memory loops). A
     # difference would make a model's numbers depend on the machine's cache size.

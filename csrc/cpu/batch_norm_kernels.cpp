@@ -31,8 +31,14 @@ namespace {
 // rows) -> 132 us; (32768, 200) from memory (with the prefetch below): statistics 2.2-2.3 -> 1.3 ms, backward sums
 // 2.9-3.0 -> 2.2 ms. The sums differ from the double ones by ~1e-8 of the sum of the terms' magnitudes.
 // Loop shapes, which compute exactly the same sums (bitwise, tested), so the choice never moves a number:
-//   * the statistics of data in cache (Reads::kCached) with C >= kTileChannels: tiles of kBlockRows rows x
-//     kTileChannels channels, the tile's sums in registers down its rows (the row loop: 1.6x slower);
+//   * the statistics of data in cache (Reads::kCached): tiles of kBlockRows rows x kTileChannels channels, the
+//     tile's sums in registers down its rows (the row loop: 1.6x slower), and the channels past the last full tile
+//     in tiles of 8, 4 and 1 channels. Those channels went through the row loop before, whose block sums on the
+//     stack make a chain of a store and a reload per row; on a few channels nothing hides it (at C = 100, 4
+//     channels took 13% of the time). Statistics alone, 1 thread, old and new alternating, minima (AMD EPYC Zen 3,
+//     AVX2 clone; the sums bitwise the same): C = 200 (192 + 8) 11.3 -> 9.7 us at N = 512, 98.8 -> 88.5 us at
+//     4096; C = 100: 6.1 -> 4.6 and 56.8 -> 44.5 us; C = 27: 3.7 -> 2.7 and 30.8 -> 22.4 us; C = 8: 2.4 -> 0.7 and
+//     18.7 -> 5.1 us; C = 64 and 1000 (no leftover channels, or 8) unchanged;
 //   * everything else: row after row, the block's sums on the stack. Rows in address order are what the hardware
 //     prefetchers follow from DRAM (a tile's 32-channel walk ran at half speed there), and the backward's sums read
 //     two or three inputs, which tiles walked no faster even in cache. From memory each row is prefetched into L2
@@ -95,33 +101,45 @@ MMOPS_INLINE void first_row_terms(const Terms& terms, int64_t row_start, int64_t
   }
 }
 
+// The sums of channels [c0, c0 + W) over rows [nb, ne) of a block in registers, added to S1 and S2.
+template <int64_t W, typename T, typename Terms>
+MMOPS_INLINE void tile_sums(const Terms& terms, int64_t C, int64_t nb, int64_t ne, int64_t c0, double* S1,
+                            double* S2) {
+  T ta[W], tb[W];
+  first_row_terms(terms, nb * C, c0, W, ta, tb);
+  for (int64_t n = nb + 1; n < ne; ++n) {
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) terms(n * C + c0 + c, c0 + c, ta[c], tb[c]);
+  }
+  add_block(ta, tb, W, S1 + c0, S2 + c0);
+}
+
 template <bool kTilesInCache, bool kShiftedSquares, typename T, typename Terms, typename Prefetch>
 MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2,
                              const Terms& terms, const Prefetch& prefetch) {
   std::vector<double> before(S1, S1 + C);  // for a channel summed again
   before.insert(before.end(), S2, S2 + C);
-  const bool tiles = kTilesInCache && reads == Reads::kCached && C >= kTileChannels;
+  const bool tiles = kTilesInCache && reads == Reads::kCached;
   const bool from_memory = reads == Reads::kFromMemory;
-  const int64_t tiled_c = tiles ? C - C % kTileChannels : 0;
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
     const int64_t ne = nb + kBlockRows < n1 ? nb + kBlockRows : n1;
-    for (int64_t c0 = 0; c0 < tiled_c; c0 += kTileChannels) {
-      T ta[kTileChannels], tb[kTileChannels];
-      first_row_terms(terms, nb * C, c0, kTileChannels, ta, tb);
-      for (int64_t n = nb + 1; n < ne; ++n) {
-#pragma omp simd
-        for (int64_t c = 0; c < kTileChannels; ++c) terms(n * C + c0 + c, c0 + c, ta[c], tb[c]);
-      }
-      add_block(ta, tb, kTileChannels, S1 + c0, S2 + c0);
+    if (tiles) {
+      int64_t c0 = 0;
+      for (; c0 + kTileChannels <= C; c0 += kTileChannels)
+        tile_sums<kTileChannels, T>(terms, C, nb, ne, c0, S1, S2);
+      for (; c0 + 8 <= C; c0 += 8) tile_sums<8, T>(terms, C, nb, ne, c0, S1, S2);
+      for (; c0 + 4 <= C; c0 += 4) tile_sums<4, T>(terms, C, nb, ne, c0, S1, S2);
+      for (; c0 < C; ++c0) tile_sums<1, T>(terms, C, nb, ne, c0, S1, S2);
+      continue;
     }
     // The row loop, over at most kRowChannels channels at a time: its block sums live on the stack, where the
     // compiler can see that storing them does not change the inputs (in a heap buffer it reloaded dh after each
     // store: 147 against 128 us for the backward's sums at (4096, 200)).
-    for (int64_t cs = tiled_c; cs < C; cs += kRowChannels) {
+    for (int64_t cs = 0; cs < C; cs += kRowChannels) {
       const int64_t width = C - cs < kRowChannels ? C - cs : kRowChannels;
       alignas(64) T a[kRowChannels], b[kRowChannels];
       for (int64_t n = nb; n < ne; ++n) {
-        if (from_memory && cs == tiled_c && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
+        if (from_memory && cs == 0 && n + kPrefetchRows < n1) prefetch(n + kPrefetchRows);
         if (n == nb) {
           first_row_terms(terms, n * C, cs, width, a, b);
           continue;
