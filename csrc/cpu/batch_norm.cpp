@@ -32,11 +32,11 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
-#include <vector>
 
 #include "cpu/batch_norm.h"
 #include "cpu/output_cache.h"
 #include "cpu/parallel.h"
+#include "cpu/scratch.h"
 #include "cpu/simd.h"
 #include "op_args.h"
 
@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
     const T* bp = bb.defined() ? bb.const_data_ptr<T>() : nullptr;
     // The shift of each channel's sums (batch_norm_kernels.h: shifts): finite (an inf shift would turn the sums
     // into inf - inf = NaN where PyTorch's mean is inf), 0 for an input with no values (possible in eval mode).
-    std::vector<T> Kab(3 * s.C);  // one allocation for the three per-channel vectors
+    Scratch<T> Kab(3 * s.C);  // one array for the three per-channel vectors
     T *K = Kab.data(), *a = K + s.C, *b = a + s.C;
     if (training) shifts(xp, s, K);
     const int64_t call_bytes = 2 * x.numel() * sizeof(T);  // read x, write h
@@ -228,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     // The sums are needed for dgamma / dbeta, and for dx only with batch statistics.
     const bool sums = training || dgp || dbp;
     const int64_t call_bytes = (activation ? 4 : 3) * x.numel() * static_cast<int64_t>(sizeof(T));  // dh, x, (h), dx
-    std::vector<T> ABD(3 * s.C);  // one allocation for the three per-channel vectors
+    Scratch<T> ABD(3 * s.C);  // one array for the three per-channel vectors
     T *A = ABD.data(), *B = A + s.C, *D = B + s.C;
     reduce_then_elementwise(
         s.N, s.C, s.C * s.L,

@@ -8,6 +8,7 @@
 // no branch on it.
 #include "cpu/batch_norm_kernels.h"
 
+#include "cpu/scratch.h"
 #include "cpu/simd.h"
 
 #include <cstdint>
@@ -117,8 +118,9 @@ MMOPS_INLINE void tile_sums(const Terms& terms, int64_t C, int64_t nb, int64_t n
 template <bool kTilesInCache, bool kShiftedSquares, typename T, typename Terms, typename Prefetch>
 MMOPS_INLINE void block_sums(int64_t C, int64_t n0, int64_t n1, Reads reads, double* S1, double* S2,
                              const Terms& terms, const Prefetch& prefetch) {
-  std::vector<double> before(S1, S1 + C);  // for a channel summed again
-  before.insert(before.end(), S2, S2 + C);
+  Scratch<double> before(2 * C);  // the sums before these rows, for a channel summed again
+  std::copy(S1, S1 + C, before.data());
+  std::copy(S2, S2 + C, before.data() + C);
   const bool tiles = kTilesInCache && reads == Reads::kCached;
   const bool from_memory = reads == Reads::kFromMemory;
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {

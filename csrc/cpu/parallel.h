@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/scratch.h"
 #include "cpu/simd.h"
 
 namespace mmops::cpu {
@@ -29,7 +30,7 @@ void reduce_then_elementwise(int64_t N, int64_t C, int64_t row_elements, Reduce&
                              Elementwise&& elementwise) {
   const int nt = threads_for(N * row_elements);
   if (nt == 1) {  // below the threshold: no parallel region at all (entering one costs a microsecond at batch 32)
-    std::vector<double> sums(2 * C, 0.0);
+    Scratch<double> sums(2 * C, 0.0);
     reduce(0, N, sums.data());
     combine(sums.data(), sums.data() + C);
     elementwise(0, N);

@@ -9,11 +9,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "cpu/output_cache.h"
 #include "cpu/batch_norm.h"
 #include "cpu/parallel.h"
+#include "cpu/scratch.h"
 
 namespace mmops::cpu::bn {
 namespace {
@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_stats", [&] {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
-    std::vector<T> K(s.C);  // the shift, as in batch_norm_forward
+    Scratch<T> K(s.C);  // the shift, as in batch_norm_forward
     shifts(xp, s, K.data());
     double* mp = mean.mutable_data_ptr<double>();
     double* qp = m2.mutable_data_ptr<double>();
@@ -103,7 +103,7 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& output, c
   Tensor dx = empty_output(x.sizes(), x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmops_batch_norm_backward_elemt", [&] {
     using T = scalar_t;
-    std::vector<T> A(s.C), B(s.C), D(s.C);
+    Scratch<T> A(s.C), B(s.C), D(s.C);
     dx_coefficients(s.C, count, w.defined() ? w.const_data_ptr<T>() : nullptr, invstd.const_data_ptr<T>(),
                     sdy.const_data_ptr<double>(), sdyx.const_data_ptr<double>(), bessel, A.data(), B.data(), D.data());
     const T *xp = x.const_data_ptr<T>(), *dhp = dh.const_data_ptr<T>(), *hp = h.const_data_ptr<T>();
