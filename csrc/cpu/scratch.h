@@ -14,12 +14,13 @@ namespace mmops::cpu {
 template <typename T>
 class Scratch {
  public:
-  static constexpr size_t kStackBytes = 8192;  // per array; the OpenMP workers' stacks are megabytes
+  // per array: C <= 256 for the sums (double), C <= 341 for three float coefficient rows; an OpenMP worker's stack
+  // (OMP_STACKSIZE, megabytes by default) holds it
+  static constexpr size_t kStackBytes = 4096;
   static constexpr size_t kStackElements = kStackBytes / sizeof(T);
 
   explicit Scratch(size_t n) : data_(n <= kStackElements ? stack_ : (heap_ = std::make_unique<T[]>(n)).get()) {}
   Scratch(size_t n, T value) : Scratch(n) { std::fill(data_, data_ + n, value); }
-  Scratch(const T* first, size_t n) : Scratch(n) { std::copy(first, first + n, data_); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 
