@@ -147,13 +147,24 @@ for seed, (N, C, act, dtype) in enumerate([(2000, 70, 0, torch.float32), (333, 2
     dh = torch.randn(N, C, generator=g, dtype=dtype)
     _, dw, db = ops.batch_norm_backward(dh, h, x, w, mean, invstd, True, False, act, [False, True, True])
     out.append([mean, invstd, rm, rv, dw, db])
+# The outputs too: every activation over pre-activations from -12 to 12 (tanh saturates from 7.905 on), forward and
+# backward, with the output each run computes.
+g = torch.Generator().manual_seed(99)
+x = torch.randn(3000, 200, generator=g)
+for act in ("tanh", "relu", None):
+    xr = x.clone().requires_grad_()
+    h = mmops.batch_norm(xr, None, None, torch.full((200,), 3.0), torch.linspace(-12, 12, 200), True,
+                         activation=act)
+    h.backward(torch.randn(3000, 200, generator=g))
+    out.append([h.detach(), xr.grad])
 torch.save(out, sys.argv[1])
 """
 
 
 def test_sums_are_bitwise_the_same_from_cache_and_from_memory(tmp_path):
     # The sums read data in cache in tiles of rows (32, 8, 4 and 1 channels wide: the sizes here take every width)
-    # and data from memory row after row (csrc/cpu/batch_norm_kernels.cpp); every channel adds its values in the same blocks and order either way
+    # and data from memory row after row (csrc/cpu/batch_norm_kernels.cpp), and the elementwise passes are a row loop
+    # in cache and a flat walk with streaming stores from memory (the outputs compared at the end); every channel adds its values in the same blocks and order either way
     # (including a channel summed again in double), so the statistics and running statistics (and the backward's sums)
     # must not differ in a single bit (MMOPS_BN_STREAM_ABOVE_BYTES=0: every size takes the from-memory loops). A
     # difference would make a model's numbers depend on the machine's cache size.

@@ -140,9 +140,13 @@ MMOPS_AVX512 __m512 exp(__m512 x) {
 MMOPS_INLINE double exp(double x) { return __builtin_exp(x); }
 
 // tanh for float lanes: odd rational approximation x * P(x^2) / Q(x^2) on [-7.9, 7.9] (Eigen's coefficients),
-// accurate to a few ulp, branch-free. |x| < 4e-4 returns x (tanh(x) = x to float precision); |x| >= 9.011
-// returns exactly +-1, as torch.tanh does (there float's tanh rounds to 1), so that the derivative 1 - h^2 of a
-// saturated unit is exactly 0; NaN stays NaN, +-inf gives +-1.
+// accurate to a few ulp, branch-free. |x| < 4e-4 returns x (tanh(x) = x to float precision); |x| >= 7.905 (the
+// clamp c) returns exactly +-1 (4.5 ulp from tanh at c, 0 ulp from 9.011 on, where float's tanh rounds to 1, as in
+// torch.tanh), so that the derivative 1 - h^2 of a saturated unit is exactly 0; NaN stays NaN, +-inf gives +-1.
+// The saturation starts at c, not at 9.011, so that no lane evaluates the rational at the clamped value: GCC
+// constant-folds P(c) / Q(c) exactly (to 1) where it vectorises a loop over floats, but evaluates it with FMAs
+// (to 0.99999976) on a vector type, which gave BatchNorm's cached and streaming loops outputs 4 ulp apart for
+// |x| in [7.905, 9.011); from c on both now return +-1 (the cached loops' bits did not change).
 template <typename V>
 MMOPS_INLINE V tanh(V x) {
   const V c = splat<V>(7.90531110763549805f), one = splat<V>(1.0f);
@@ -164,7 +168,7 @@ MMOPS_INLINE V tanh(V x) {
   const V r = p / q;
   const V ax = x < 0.0f ? -x : x;
   const V small_or_r = ax < 0.0004f ? x : r;
-  return ax >= 9.0109f ? (x > 0.0f ? one : -one) : small_or_r;
+  return ax >= c ? (x > 0.0f ? one : -one) : small_or_r;
 }
 
 MMOPS_INLINE double tanh(double x) { return __builtin_tanh(x); }
