@@ -13,7 +13,6 @@
 
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 #ifdef MMOPS_X86
 #include <immintrin.h>
 #endif
@@ -510,7 +509,7 @@ struct DxOp {  // dx = A dy' + B (x - m) + D, or A dy' (kEval)
 template <typename V>
 inline void normalize_stream(int64_t act, const float* x, float* h, int64_t C, const float* m, const float* a,
                              const float* b, int64_t n0, int64_t n1) {
-  std::vector<float> ext(3 * (C + 16));
+  Scratch<float> ext(3 * (C + 16));
   float *me = ext.data(), *ae = me + C + 16, *be = ae + C + 16;
   extend(m, C, me), extend(a, C, ae), extend(b, C, be);
   if (act == simd::kTanh) flat_run<V>(NormalizeOp<simd::kTanh, V>{x, me, ae, be, h}, h, C, n0, n1);
@@ -528,7 +527,7 @@ inline void dx_run(const float* dh, const float* h, const float* x, float* dx, i
 template <typename V>
 inline void dx_stream(int64_t act, const float* dh, const float* h, const float* x, float* dx, int64_t C,
                       const float* m, const float* A, const float* B, const float* D, int64_t n0, int64_t n1) {
-  std::vector<float> ext(4 * (C + 16));
+  Scratch<float> ext(4 * (C + 16));
   float *Ae = ext.data(), *Be = Ae + C + 16, *De = Be + C + 16, *me = De + C + 16;
   extend(A, C, Ae);
   const bool eval = B == nullptr;

@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "cpu/scratch.h"
 #include "cpu/simd.h"
@@ -37,7 +36,7 @@ void reduce_then_elementwise(int64_t N, int64_t C, int64_t row_elements, Reduce&
     return;
   }
   // each thread's partial sums, then the totals (the last 2C)
-  std::vector<double> part(static_cast<size_t>(nt + 1) * 2 * C, 0.0);
+  Scratch<double> part(static_cast<size_t>(nt + 1) * 2 * C, 0.0);
   double* const S1 = part.data() + static_cast<size_t>(nt) * 2 * C;
   double* const S2 = S1 + C;
 #pragma omp parallel num_threads(nt)
